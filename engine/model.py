@@ -1,0 +1,255 @@
+"""The Hymba model (spec sections 5-7) as plain modules named like the checkpoint, run over a DecodeState.
+
+Two entry points, both writing into the state in place:
+  prefill(ids, state): prompt tokens, chunk by chunk, with the prefill window rule (spec 7.1);
+  decode(token, state): one generated token, with the decode window rule (spec 7.2).
+The heavy ops come from kernels/ (Triton on CUDA, PyTorch twins elsewhere).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from engine.config import HymbaConfig
+from engine.state import DecodeState
+
+DEFAULT_PREFILL_CHUNK = 2048  # bounds prefill activations and attention scores, whatever the prompt length
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # spec 6.5 / Q10: normalize in fp32, cast back, then scale by the weight in the activation dtype
+        x32 = x.float()
+        normalized = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normalized.to(x.dtype)
+
+
+def rope_tables(config: HymbaConfig, num_positions: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: (num_positions, dq) in `dtype`, built in fp32 from a double base as the reference does (spec 5)."""
+    dq = config.head_dim
+    if not config.rope:
+        return (torch.ones(num_positions, dq, device=device, dtype=dtype),
+                torch.zeros(num_positions, dq, device=device, dtype=dtype))
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, dq, 2, dtype=torch.int64).float() / dq))  # (dq/2,) fp32
+    angles = torch.outer(torch.arange(num_positions, dtype=torch.int64).float(), inv_freq)  # (P, dq/2) fp32
+    emb = torch.cat([angles, angles], dim=-1)  # (P, dq)
+    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (T, heads, dq); cos, sin: (T, dq). GPT-NeoX 'rotate half' form, evaluated in x's dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+class HybridMixer(nn.Module):
+    """`mamba.*` in the checkpoint: in_proj -> attention heads | SSM heads -> normalize, average -> out_proj."""
+
+    def __init__(self, c: HymbaConfig, layer_idx: int):
+        super().__init__()
+        I, N, R = c.d_inner, c.mamba_d_state, c.dt_rank
+        self.layer_idx, self.producer = layer_idx, c.kv_producer[layer_idx]
+        self.is_producer = self.producer == layer_idx
+        self.window = None if c.is_global[layer_idx] else c.sliding_window
+        self.num_heads, self.num_kv_heads = c.num_attention_heads, c.num_key_value_heads
+        self.head_dim, self.v_head_dim, self.num_meta = c.head_dim, c.v_head_dim, c.num_memory_tokens
+        kv_width = c.k_width + c.v_width if self.is_producer else 0
+        self.splits = [c.hidden_size, kv_width, I, I]  # q | k v | x | z  (spec 6.2)
+        self.ssm_splits = [R, N, N]  # dt | B | C  (spec 6.4 step 2)
+
+        self.in_proj = nn.Linear(c.hidden_size, c.in_proj_width(layer_idx), bias=c.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(I, I, c.mamba_d_conv, groups=I, bias=c.mamba_conv_bias)
+        self.x_proj = nn.ModuleList([nn.Linear(I, R + 2 * N, bias=False)])
+        self.dt_proj = nn.ModuleList([nn.Linear(R, I, bias=True)])
+        self.A_log = nn.ParameterList([nn.Parameter(torch.empty(I, N))])
+        self.D = nn.ParameterList([nn.Parameter(torch.empty(I))])
+        self.inner_norms = c.mamba_inner_layernorms
+        if self.inner_norms:
+            self.dt_layernorm = RMSNorm(R, c.rms_norm_eps)
+            self.B_layernorm = RMSNorm(N, c.rms_norm_eps)
+            self.C_layernorm = RMSNorm(N, c.rms_norm_eps)
+        self.pre_avg_layernorm1 = RMSNorm(I, c.rms_norm_eps)  # attention branch
+        self.pre_avg_layernorm2 = RMSNorm(I, c.rms_norm_eps)  # SSM branch
+        self.out_proj = nn.Linear(I, c.hidden_size, bias=c.mamba_proj_bias)
+
+    def prepare(self) -> None:
+        """Derived fp32 tensors, computed once after loading."""
+        self.A = -torch.exp(self.A_log[0].float())  # (I, N) fp32
+        self.conv_weight = self.conv1d.weight[:, 0, :].float()  # (I, K) fp32
+
+    def forward(self, a, state: DecodeState, start: int, is_decode: bool, stash: dict, cos, sin) -> torch.Tensor:
+        """a: (T, D) normalized input for positions start .. start+T-1; returns (T, D)."""
+        T = a.shape[0]
+        i, H, Hk, dq = self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim
+        q, kv, x, z = F.linear(a, self.in_proj.weight, self.in_proj.bias).split(self.splits, dim=-1)
+        q = apply_rope(q.view(T, H, dq), cos, sin)  # (T, H, dq)
+        if self.is_producer:
+            k, v = kv.split([Hk * dq, Hk * self.v_head_dim], dim=-1)
+            k = apply_rope(k.view(T, Hk, dq), cos, sin).transpose(0, 1)  # (Hk, T, dq), post-RoPE (Q4)
+            v = v.view(T, Hk, self.v_head_dim).transpose(0, 1)  # (Hk, T, dv)
+
+        # --- attention heads ---
+        if is_decode:
+            if self.is_producer:
+                state.write_kv(i, start, k, v)  # overwrites the position `window` back: decode sees W keys (7.2)
+            num_valid = state.num_valid(self.producer, start + 1)
+            attn = kernels.attention_decode(q[0], state.k[self.producer], state.v[self.producer], num_valid)
+        else:
+            if self.is_producer:  # consumers of this layer reuse exactly this key set in this call (spec 6.3)
+                hk, hv, hpos = state.history(i, start, self.window)
+                new_pos = torch.arange(start, start + T, device=a.device)
+                stash[i] = (torch.cat([hk, k], 1), torch.cat([hv, v], 1), torch.cat([hpos, new_pos]))
+                state.write_kv(i, start, k, v)
+            keys, values, k_pos = stash[self.producer]
+            q_pos = torch.arange(start, start + T, device=a.device)
+            attn = kernels.attention_prefill(q, keys, values, q_pos, k_pos, self.window, self.num_meta)
+
+        # --- SSM heads ---
+        conv_state, ssm_state = state.conv[i], state.ssm[i]
+        if is_decode:
+            u = kernels.causal_conv1d_update(x[0], self.conv_weight, self.conv1d.bias, conv_state).unsqueeze(0)
+        else:
+            u = kernels.causal_conv1d(x, self.conv_weight, self.conv1d.bias, conv_state)  # (T, I)
+        dt, B, C = F.linear(u, self.x_proj[0].weight).split(self.ssm_splits, dim=-1)
+        if self.inner_norms:
+            dt, B, C = self.dt_layernorm(dt), self.B_layernorm(B), self.C_layernorm(C)
+        dt = F.linear(dt, self.dt_proj[0].weight)  # its bias is added in fp32 inside the softplus (Q8)
+        dt_bias, D = self.dt_proj[0].bias, self.D[0]
+        if is_decode:
+            y = kernels.ssm_update(ssm_state, u[0], dt[0], self.A, B[0], C[0], D, z[0], dt_bias).unsqueeze(0)
+        else:
+            y = kernels.selective_scan(u, dt, self.A, B, C, D, z, dt_bias, ssm_state)  # (T, I)
+
+        mixed = (self.pre_avg_layernorm1(attn.reshape(T, -1)) + self.pre_avg_layernorm2(y)) / 2
+        return F.linear(mixed, self.out_proj.weight, self.out_proj.bias)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: HymbaConfig):
+        super().__init__()
+        self.is_gated = c.mlp_hidden_act == "silu"
+        if self.is_gated:
+            self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_gated:  # SwiGLU
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.relu(self.up_proj(x)).square())  # relu2
+
+
+class MoE(nn.Module):
+    """The reference wraps its MLP in a one-expert container; it only shows in the weight names."""
+
+    def __init__(self, c: HymbaConfig):
+        super().__init__()
+        self.experts = nn.ModuleList([MLP(c)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.experts[0](x)
+
+
+class HymbaLayer(nn.Module):
+    def __init__(self, c: HymbaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mamba = HybridMixer(c, layer_idx)
+        self.pre_moe_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.moe = MoE(c)
+
+    def forward(self, h, state, start, is_decode, stash, cos, sin) -> torch.Tensor:
+        h = h + self.mamba(self.input_layernorm(h), state, start, is_decode, stash, cos, sin)
+        return h + self.moe(self.pre_moe_layernorm(h))
+
+
+class HymbaBackbone(nn.Module):
+    """`model.*` in the checkpoint."""
+
+    def __init__(self, c: HymbaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        if c.num_memory_tokens:
+            self.memory_tokens = nn.Parameter(torch.empty(c.num_memory_tokens, c.hidden_size))
+        self.layers = nn.ModuleList([HymbaLayer(c, i) for i in range(c.num_hidden_layers)])
+        self.final_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class HymbaForCausalLM(nn.Module):
+    def __init__(self, config: HymbaConfig):
+        super().__init__()
+        self.config = config
+        self.model = HymbaBackbone(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @classmethod
+    def from_tensors(cls, config: HymbaConfig, tensors: dict[str, torch.Tensor], max_positions: int):
+        """Build on the meta device, then take the loaded tensors as they are (names checked by weights.py)."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(tensors, strict=True, assign=True)
+        model.requires_grad_(False)
+        for layer in model.model.layers:
+            layer.mamba.prepare()
+        weight = model.model.embed_tokens.weight
+        model.cos, model.sin = rope_tables(config, max_positions, weight.device, weight.dtype)
+        return model
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    @torch.no_grad()
+    def prefill_meta_tokens(self, state: DecodeState) -> None:
+        """Run the meta tokens through an empty state and keep the result as every request's start (spec 8)."""
+        state.clear()
+        if self.config.num_memory_tokens:
+            self._run(self.model.memory_tokens, state, is_decode=False)
+        state.save_snapshot()
+
+    @torch.no_grad()
+    def prefill(
+        self, ids: torch.Tensor, state: DecodeState, all_logits: bool = False, chunk_size: int = DEFAULT_PREFILL_CHUNK
+    ) -> torch.Tensor:
+        """Prompt tokens on top of `state`, chunk by chunk (same logits as one pass: spec 7.3).
+
+        ids: (n,) int64; returns fp32 logits (n, V) if all_logits else (V,) for the last position.
+        """
+        assert ids.ndim == 1 and ids.numel() > 0, "prefill needs at least one token"
+        rows = []
+        for c0 in range(0, ids.numel(), chunk_size):
+            h = self._run(F.embedding(ids[c0 : c0 + chunk_size], self.model.embed_tokens.weight), state, False)
+            rows.append(self._logits(h if all_logits else h[-1:]))
+        return torch.cat(rows) if all_logits else rows[-1][0]
+
+    @torch.no_grad()
+    def decode(self, token: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """One generated token (0-d or (1,) int64) at position state.num_tokens; returns (V,) fp32 logits."""
+        h = self._run(F.embedding(token.view(1), self.model.embed_tokens.weight), state, is_decode=True)
+        return self._logits(h)[0]
+
+    def _run(self, h: torch.Tensor, state: DecodeState, is_decode: bool) -> torch.Tensor:
+        """h: (T, D) embeddings of positions state.num_tokens ...; returns the final hidden states (T, D)."""
+        start, T = state.num_tokens, h.shape[0]
+        if start + T > state.max_positions:
+            raise ValueError(f"position {start + T - 1} is past the context limit ({state.max_positions} positions)")
+        cos, sin = self.cos[start : start + T], self.sin[start : start + T]
+        stash: dict = {}  # producer layer -> (keys, values, key positions) of this prefill call
+        for layer in self.model.layers:
+            h = layer(h, state, start, is_decode, stash, cos, sin)
+        state.num_tokens = start + T
+        return h
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The lm_head runs in the model dtype; logits are returned in fp32 (spec 6.1 step 5)."""
+        return F.linear(self.model.final_layernorm(h), self.lm_head_weight).float()

@@ -1,0 +1,120 @@
+"""DecodeState: one request's whole decode state, allocated once per worker and reset per request (spec 8).
+
+Per layer: conv state (d_inner, K-1) and SSM state (d_inner, N), both fp32. Per KV-producing layer a KV buffer
+(Hk, capacity, d) in the model dtype whose first num_meta slots hold the meta tokens' K/V; after them a global
+layer stores every later position in order, a sliding-window layer a ring of `window` slots. Consumer layers own
+nothing: they read their producer's buffer. All position -> slot arithmetic lives here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.config import HymbaConfig
+
+
+class DecodeState:
+    def __init__(self, config: HymbaConfig, max_model_len: int, device: torch.device, dtype: torch.dtype):
+        L, d, K, N = config.num_hidden_layers, config.d_inner, config.mamba_d_conv, config.mamba_d_state
+        Hk, M = config.num_key_value_heads, config.num_memory_tokens
+        self.num_meta = M
+        self.max_positions = M + max_model_len  # meta tokens + prompt + generated
+        self.conv = torch.zeros(L, d, K - 1, dtype=torch.float32, device=device)  # (L, d_inner, K-1) fp32
+        self.ssm = torch.zeros(L, d, N, dtype=torch.float32, device=device)  # (L, d_inner, N) fp32
+        # window[i]: the sliding window of layer i's KV buffer, None for a global one.
+        self.window: dict[int, int | None] = {}
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        for i, is_producer in enumerate(config.is_kv_producer):
+            if not is_producer:
+                continue
+            window = None if config.is_global[i] else min(config.sliding_window, max_model_len)
+            capacity = M + (window if window is not None else max_model_len)
+            self.window[i] = window
+            self.k[i] = torch.zeros(Hk, capacity, config.head_dim, dtype=dtype, device=device)
+            self.v[i] = torch.zeros(Hk, capacity, config.v_head_dim, dtype=dtype, device=device)
+        self.num_tokens = 0  # positions processed so far, meta tokens included: the next token's position
+        self._snapshot: tuple[torch.Tensor, torch.Tensor, dict, dict] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.conv, self.ssm, *self.k.values(), *self.v.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def save_snapshot(self) -> None:
+        """Remember the state right after the meta tokens (the same for every request: spec 8, last bullet)."""
+        assert self.num_tokens == self.num_meta, "snapshot is taken right after prefilling the meta tokens"
+        M = self.num_meta
+        self._snapshot = (
+            self.conv.clone(),
+            self.ssm.clone(),
+            {i: k[:, :M].clone() for i, k in self.k.items()},
+            {i: v[:, :M].clone() for i, v in self.v.items()},
+        )
+
+    def reset(self) -> None:
+        """Start a new request from the post-meta-token snapshot. Slots past the meta tokens are not cleared:
+        nothing reads a slot before this request writes it."""
+        assert self._snapshot is not None, "save_snapshot() must run once at load time"
+        conv, ssm, k, v = self._snapshot
+        self.conv.copy_(conv)
+        self.ssm.copy_(ssm)
+        for i in self.k:
+            self.k[i][:, : self.num_meta].copy_(k[i])
+            self.v[i][:, : self.num_meta].copy_(v[i])
+        self.num_tokens = self.num_meta
+
+    def clear(self) -> None:
+        """Empty state (before the meta tokens), used once to build the snapshot."""
+        self.conv.zero_()
+        self.ssm.zero_()
+        self.num_tokens = 0
+
+    # --- position -> slot arithmetic ---
+
+    def slots(self, layer_idx: int, positions: torch.Tensor) -> torch.Tensor:
+        """Buffer slots of absolute positions: meta tokens and global layers in order, SWA tokens in a ring."""
+        window = self.window[layer_idx]
+        if window is None:
+            return positions
+        M = self.num_meta
+        return torch.where(positions < M, positions, M + (positions - M) % window)
+
+    def num_valid(self, layer_idx: int, num_positions: int) -> int:
+        """Filled slots once positions [0, num_positions) are written."""
+        return min(num_positions, self.k[layer_idx].shape[1])
+
+    def write_kv(self, layer_idx: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V of positions start .. start+T-1.  k: (Hk, T, dq), v: (Hk, T, dv)."""
+        T = k.shape[1]
+        window = self.window[layer_idx]
+        if window is not None and T > window:  # older ones would be overwritten within this same write
+            keep = max(T - window, 0)
+            # meta positions are never overwritten, so keep them even if they fall before the last `window`
+            meta_end = min(max(self.num_meta - start, 0), T)
+            idx = torch.cat([torch.arange(meta_end), torch.arange(max(keep, meta_end), T)]).to(k.device)
+            k, v = k[:, idx], v[:, idx]
+            positions = start + idx
+        else:
+            positions = torch.arange(start, start + T, device=k.device)
+        slots = self.slots(layer_idx, positions)
+        self.k[layer_idx].index_copy_(1, slots, k)
+        self.v[layer_idx].index_copy_(1, slots, v)
+
+    def history(self, layer_idx: int, start: int, window: int | None):
+        """K/V of the positions before `start` that a prefill query at `start` may see, in position order:
+        every position for a global layer; the meta tokens plus the last `window` positions for an SWA layer.
+
+        returns k: (Hk, S, dq), v: (Hk, S, dv), positions: (S,) int64
+        """
+        device = self.k[layer_idx].device
+        M = self.num_meta
+        if window is None:
+            positions = torch.arange(start, device=device)
+        else:
+            meta = torch.arange(min(start, M), device=device)
+            lo = max(M, start - window)
+            recent = torch.arange(lo, max(lo, start), device=device)
+            positions = torch.cat([meta, recent])
+        slots = self.slots(layer_idx, positions)
+        return self.k[layer_idx][:, slots], self.v[layer_idx][:, slots], positions
