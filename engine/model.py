@@ -4,6 +4,10 @@ Two entry points, both writing into the state in place:
   prefill(ids, state): prompt tokens, chunk by chunk, with the prefill window rule (spec 7.1);
   decode(token, state): one generated token, with the decode window rule (spec 7.2).
 The heavy ops come from kernels/ (Triton on CUDA, PyTorch twins elsewhere).
+
+Precision: weights, the KV cache and the operands of every matrix product are in the serving dtype (bf16 on CUDA);
+activations between ops and the residual stream stay fp32. At batch 1 this costs no bandwidth, and it keeps a bf16
+engine within the conformance limits, which rounding every activation to bf16 as the reference does misses.
 """
 
 from __future__ import annotations
@@ -19,6 +23,16 @@ from engine.state import DecodeState
 DEFAULT_PREFILL_CHUNK = 2048  # bounds prefill activations and attention scores, whatever the prompt length
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias): operands in the weight's dtype, fp32 accumulation, fp32 result."""
+    x = x.to(weight.dtype)
+    if x.is_cuda and weight.dtype != torch.float32:  # cuBLAS writes the fp32 accumulator without rounding
+        y = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
+    else:
+        y = F.linear(x, weight).float()
+    return y if bias is None else y + bias.float()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -26,26 +40,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # spec 6.5 / Q10: normalize in fp32, cast back, then scale by the weight in the activation dtype
+        # fp32 throughout; the consumer rounds once to its matmul operand dtype. (The reference rounds the
+        # normalized vector to bf16 before scaling (Q10): measured, that adds error against the goldens.)
         x32 = x.float()
-        normalized = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normalized.to(x.dtype)
+        return self.weight.float() * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
-def rope_tables(config: HymbaConfig, num_positions: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: (num_positions, dq) in `dtype`, built in fp32 from a double base as the reference does (spec 5)."""
+def rope_tables(config: HymbaConfig, num_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: (num_positions, dq) fp32, built from a double base as the reference does (spec 5)."""
     dq = config.head_dim
     if not config.rope:
-        return (torch.ones(num_positions, dq, device=device, dtype=dtype),
-                torch.zeros(num_positions, dq, device=device, dtype=dtype))
+        return torch.ones(num_positions, dq, device=device), torch.zeros(num_positions, dq, device=device)
     inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, dq, 2, dtype=torch.int64).float() / dq))  # (dq/2,) fp32
     angles = torch.outer(torch.arange(num_positions, dtype=torch.int64).float(), inv_freq)  # (P, dq/2) fp32
     emb = torch.cat([angles, angles], dim=-1)  # (P, dq)
-    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
+    return emb.cos().to(device), emb.sin().to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (T, heads, dq); cos, sin: (T, dq). GPT-NeoX 'rotate half' form, evaluated in x's dtype."""
+    """x: (T, heads, dq) fp32; cos, sin: (T, dq) fp32. GPT-NeoX 'rotate half' form."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
@@ -90,12 +103,13 @@ class HybridMixer(nn.Module):
         """a: (T, D) normalized input for positions start .. start+T-1; returns (T, D)."""
         T = a.shape[0]
         i, H, Hk, dq = self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim
-        q, kv, x, z = F.linear(a, self.in_proj.weight, self.in_proj.bias).split(self.splits, dim=-1)
-        q = apply_rope(q.view(T, H, dq), cos, sin)  # (T, H, dq)
+        q, kv, x, z = linear(a, self.in_proj.weight, self.in_proj.bias).split(self.splits, dim=-1)  # fp32
+        kv_dtype = state.k[self.producer].dtype
+        q = apply_rope(q.view(T, H, dq), cos, sin).to(kv_dtype)  # (T, H, dq)
         if self.is_producer:
             k, v = kv.split([Hk * dq, Hk * self.v_head_dim], dim=-1)
-            k = apply_rope(k.view(T, Hk, dq), cos, sin).transpose(0, 1)  # (Hk, T, dq), post-RoPE (Q4)
-            v = v.view(T, Hk, self.v_head_dim).transpose(0, 1)  # (Hk, T, dv)
+            k = apply_rope(k.view(T, Hk, dq), cos, sin).transpose(0, 1).to(kv_dtype)  # (Hk, T, dq), post-RoPE (Q4)
+            v = v.view(T, Hk, self.v_head_dim).transpose(0, 1).to(kv_dtype)  # (Hk, T, dv)
 
         # --- attention heads ---
         if is_decode:
@@ -119,10 +133,10 @@ class HybridMixer(nn.Module):
             u = kernels.causal_conv1d_update(x[0], self.conv_weight, self.conv1d.bias, conv_state).unsqueeze(0)
         else:
             u = kernels.causal_conv1d(x, self.conv_weight, self.conv1d.bias, conv_state)  # (T, I)
-        dt, B, C = F.linear(u, self.x_proj[0].weight).split(self.ssm_splits, dim=-1)
+        dt, B, C = linear(u, self.x_proj[0].weight).split(self.ssm_splits, dim=-1)
         if self.inner_norms:
             dt, B, C = self.dt_layernorm(dt), self.B_layernorm(B), self.C_layernorm(C)
-        dt = F.linear(dt, self.dt_proj[0].weight)  # its bias is added in fp32 inside the softplus (Q8)
+        dt = linear(dt, self.dt_proj[0].weight)  # its bias is added in fp32 inside the softplus (Q8)
         dt_bias, D = self.dt_proj[0].bias, self.D[0]
         if is_decode:
             y = kernels.ssm_update(ssm_state, u[0], dt[0], self.A, B[0], C[0], D, z[0], dt_bias).unsqueeze(0)
@@ -130,7 +144,7 @@ class HybridMixer(nn.Module):
             y = kernels.selective_scan(u, dt, self.A, B, C, D, z, dt_bias, ssm_state)  # (T, I)
 
         mixed = (self.pre_avg_layernorm1(attn.reshape(T, -1)) + self.pre_avg_layernorm2(y)) / 2
-        return F.linear(mixed, self.out_proj.weight, self.out_proj.bias)
+        return linear(mixed, self.out_proj.weight, self.out_proj.bias)
 
 
 class MLP(nn.Module):
@@ -144,8 +158,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_gated:  # SwiGLU
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.relu(self.up_proj(x)).square())  # relu2
+            return linear(
+                F.silu(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight), self.down_proj.weight
+            )
+        return linear(F.relu(linear(x, self.up_proj.weight)).square(), self.down_proj.weight)  # relu2
 
 
 class MoE(nn.Module):
@@ -201,8 +217,7 @@ class HymbaForCausalLM(nn.Module):
         model.requires_grad_(False)
         for layer in model.model.layers:
             layer.mamba.prepare()
-        weight = model.model.embed_tokens.weight
-        model.cos, model.sin = rope_tables(config, max_positions, weight.device, weight.dtype)
+        model.cos, model.sin = rope_tables(config, max_positions, model.model.embed_tokens.weight.device)
         return model
 
     @property
@@ -214,7 +229,7 @@ class HymbaForCausalLM(nn.Module):
         """Run the meta tokens through an empty state and keep the result as every request's start (spec 8)."""
         state.clear()
         if self.config.num_memory_tokens:
-            self._run(self.model.memory_tokens, state, is_decode=False)
+            self._run(self.model.memory_tokens.float(), state, is_decode=False)
         state.save_snapshot()
 
     @torch.no_grad()
@@ -228,15 +243,18 @@ class HymbaForCausalLM(nn.Module):
         assert ids.ndim == 1 and ids.numel() > 0, "prefill needs at least one token"
         rows = []
         for c0 in range(0, ids.numel(), chunk_size):
-            h = self._run(F.embedding(ids[c0 : c0 + chunk_size], self.model.embed_tokens.weight), state, False)
+            h = self._run(self._embed(ids[c0 : c0 + chunk_size]), state, is_decode=False)
             rows.append(self._logits(h if all_logits else h[-1:]))
         return torch.cat(rows) if all_logits else rows[-1][0]
 
     @torch.no_grad()
     def decode(self, token: torch.Tensor, state: DecodeState) -> torch.Tensor:
         """One generated token (0-d or (1,) int64) at position state.num_tokens; returns (V,) fp32 logits."""
-        h = self._run(F.embedding(token.view(1), self.model.embed_tokens.weight), state, is_decode=True)
+        h = self._run(self._embed(token.view(1)), state, is_decode=True)
         return self._logits(h)[0]
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.model.embed_tokens.weight).float()  # (T, D) fp32 residual stream
 
     def _run(self, h: torch.Tensor, state: DecodeState, is_decode: bool) -> torch.Tensor:
         """h: (T, D) embeddings of positions state.num_tokens ...; returns the final hidden states (T, D)."""
@@ -251,5 +269,5 @@ class HymbaForCausalLM(nn.Module):
         return h
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The lm_head runs in the model dtype; logits are returned in fp32 (spec 6.1 step 5)."""
-        return F.linear(self.model.final_layernorm(h), self.lm_head_weight).float()
+        """fp32 logits (spec 6.1 step 5)."""
+        return linear(self.model.final_layernorm(h), self.lm_head_weight)

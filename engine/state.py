@@ -89,7 +89,7 @@ class DecodeState:
         T = k.shape[1]
         window = self.window[layer_idx]
         if window is not None and T > window:  # older ones would be overwritten within this same write
-            keep = max(T - window, 0)
+            keep = T - window
             # meta positions are never overwritten, so keep them even if they fall before the last `window`
             meta_end = min(max(self.num_meta - start, 0), T)
             idx = torch.cat([torch.arange(meta_end), torch.arange(max(keep, meta_end), T)]).to(k.device)

@@ -1,0 +1,189 @@
+"""Engine: one loaded checkpoint on one device with one preallocated DecodeState, and the generation loop.
+
+Engine.generate(request, should_stop) runs prefill, then decode until max_tokens, EOS, a stop id, a stop string,
+the context limit or cancellation, yielding TokenEvents. Synchronous and single-request (batch size 1): the server
+runs one Engine per device in its own worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import sampling
+from engine.api import EngineError, FinishReason, GenerationRequest, SamplingParams, TokenEvent
+from engine.config import HymbaConfig
+from engine.loader import load_model
+from engine.model import HymbaForCausalLM
+from engine.state import DecodeState
+from engine.stops import StopMatcher
+from engine.tokenizer import Tokenizer
+from engine.weights import CheckpointError
+
+# generation_config.json keys that become per-request sampling defaults (vLLM's --generation-config auto)
+_SAMPLING_DEFAULTS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float}
+
+
+class Engine:
+    def __init__(
+        self,
+        model_dir: Path,
+        config: HymbaConfig,
+        model: HymbaForCausalLM,
+        state: DecodeState,
+        tokenizer: Tokenizer,
+        defaults: dict[str, Any],
+        eos_token_ids: tuple[int, ...],
+        load_seconds: float,
+    ):
+        self.model_dir, self.config, self.model, self.state = model_dir, config, model, state
+        self.tokenizer, self.defaults, self.eos_token_ids = tokenizer, defaults, eos_token_ids
+        self.model_name = model_dir.resolve().name
+        self.max_model_len = state.max_positions - config.num_memory_tokens
+        self.state_nbytes = state.nbytes
+        self.load_seconds = load_seconds
+        self.device = str(state.ssm.device)
+
+    @classmethod
+    def load(
+        cls, model_dir: str | Path, device: str = "auto", dtype: str | None = None, max_model_len: int | None = None
+    ) -> Engine:
+        """Load a Hugging Face Hymba folder. Raises ConfigError / CheckpointError / TokenizerError / ValueError,
+        each with a one-line message naming the file and the field."""
+        start = time.perf_counter()
+        model_dir = Path(model_dir)
+        config, model, state = load_model(model_dir, device, dtype, max_model_len)
+        tokenizer = Tokenizer.from_dir(model_dir)
+        defaults, gen_eos = _read_generation_config(model_dir / "generation_config.json")
+        eos = tuple(dict.fromkeys(config.eos_token_id + gen_eos))
+        return cls(model_dir, config, model, state, tokenizer, defaults, eos, time.perf_counter() - start)
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> Iterator[TokenEvent]:
+        """Yield one TokenEvent per generated token; the last one carries the finish reason.
+
+        Raises ValueError for a request the engine cannot run (empty prompt, ids outside the vocabulary, prompt
+        at or past the context limit) and EngineError when generation itself fails."""
+        params, prompt = request.params, request.prompt_ids
+        self._check_prompt(prompt)
+        if should_stop():
+            yield TokenEvent(None, "", finish_reason=FinishReason.CANCELLED, num_prompt_tokens=len(prompt))
+            return
+        try:
+            yield from self._generate(prompt, params, should_stop)
+        except torch.cuda.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            raise EngineError(f"out of GPU memory during generation ({e})") from None
+        except RuntimeError as e:
+            if isinstance(e, EngineError):
+                raise
+            raise EngineError(f"generation failed: {e}") from e
+
+    def _check_prompt(self, prompt: tuple[int, ...]) -> None:
+        if not prompt:
+            raise ValueError("the prompt must hold at least one token")
+        vocab = self.config.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens; the context limit is {self.max_model_len}, "
+                "which must leave room for at least one generated token"
+            )
+
+    def _generate(self, prompt: tuple[int, ...], params: SamplingParams, should_stop: Callable[[], bool]):
+        device, n = self.state.ssm.device, len(prompt)
+        self.state.reset()
+        ids = torch.tensor(prompt, dtype=torch.int64, device=device)
+        logits = self.model.prefill(ids, self.state, all_logits=params.prompt_logprobs is not None)
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None:
+            prompt_logprobs = sampling.prompt_logprobs(logits, prompt, params.prompt_logprobs)
+            logits = logits[-1]
+
+        penalties = sampling.PenaltyState(ids, self.config.vocab_size)
+        generator = sampling.make_generator(params.seed, device)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        suppress = torch.tensor(sorted(stop_ids), dtype=torch.int64, device=device) if stop_ids else None
+        stop_strings = params.stop
+        if not params.ignore_eos and self.tokenizer.eos_token:  # spec 10: the model may spell EOS out as text
+            stop_strings = (*stop_strings, self.tokenizer.eos_token)
+        matcher = StopMatcher(stop_strings)
+        detokenizer = self.tokenizer.detokenizer(prompt)
+
+        num_generated = 0
+        while True:
+            is_early = num_generated < params.min_tokens
+            token = sampling.sample(logits, params, penalties, generator, suppress_ids=suppress if is_early else None)
+            token_id = int(token)  # the one host sync per step
+            if token_id == sampling.INVALID_TOKEN_ID:
+                raise EngineError(f"the model produced non-finite logits at generated token {num_generated}")
+            penalties.update(token)
+            num_generated += 1
+            logprob = sampling.token_logprob(logits, token_id, params.logprobs) if params.logprobs is not None else None
+
+            finish = None
+            if token_id in stop_ids and not is_early:  # the stop token's own text is not part of the output
+                text, is_stopped = _drain(matcher, detokenizer)
+                finish = FinishReason.STOP
+            else:
+                text, is_stopped = matcher.push(detokenizer.push(token_id))
+                if is_stopped:
+                    finish = FinishReason.STOP
+                elif num_generated >= params.max_tokens or n + num_generated >= self.max_model_len:
+                    tail, is_stopped = _drain(matcher, detokenizer)
+                    text += tail
+                    finish = FinishReason.STOP if is_stopped else FinishReason.LENGTH
+            yield TokenEvent(
+                token_id, text, logprob, finish, n, num_generated, prompt_logprobs if num_generated == 1 else None
+            )
+            if finish is not None:
+                return
+            if should_stop():
+                yield TokenEvent(
+                    None,
+                    "",
+                    finish_reason=FinishReason.CANCELLED,
+                    num_prompt_tokens=n,
+                    num_completion_tokens=num_generated,
+                )
+                return
+            logits = self.model.decode(token, self.state)
+
+
+def _drain(matcher: StopMatcher, detokenizer) -> tuple[str, bool]:
+    """At the end of generation: release held-back text, still honouring a stop string it completes."""
+    text, is_stopped = matcher.push(detokenizer.flush())
+    return (text, True) if is_stopped else (text + matcher.flush(), False)
+
+
+def _read_generation_config(path: Path) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """Sampling defaults and extra EOS ids from generation_config.json (optional file)."""
+    if not path.exists():
+        return {}, ()
+    try:
+        raw = json.loads(path.read_text())
+        assert isinstance(raw, dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError):
+        raise CheckpointError(f"{path.name}: not a JSON object") from None
+    defaults = {}
+    for key, kind in _SAMPLING_DEFAULTS.items():
+        if key in raw:
+            value = raw[key]
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise CheckpointError(f"{path.name}: {key} must be a number, got {value!r}")
+            defaults[key] = kind(value)
+    eos = raw.get("eos_token_id", [])
+    eos = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
+    if not isinstance(eos, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+        raise CheckpointError(f"{path.name}: eos_token_id must be an int or a list of ints, got {eos!r}")
+    return defaults, tuple(eos)
