@@ -110,7 +110,7 @@ class Engine:
             prompt_logprobs = sampling.prompt_logprobs(logits, prompt, params.prompt_logprobs)
             logits = logits[-1]
 
-        penalties = sampling.PenaltyState(ids, self.config.vocab_size)
+        penalties = sampling.PenaltyState(ids, self.config.vocab_size, params.logit_bias)
         generator = sampling.make_generator(params.seed, device)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         suppress = torch.tensor(sorted(stop_ids), dtype=torch.int64, device=device) if stop_ids else None
