@@ -117,7 +117,13 @@ class HymbaConfig:
             r.fail("mamba_expand", expand, f"expand*hidden_size divisible by num_attention_heads ({H})")
         head_dim, v_head_dim = D // H, d_inner // H
         # Quirk Q13: the reference computes the k/v widths in floating point; they must agree with ours.
-        assert int(Hk / H * D) == Hk * head_dim and int(Hk / H * D * expand) == Hk * v_head_dim
+        if int(Hk / H * D) != Hk * head_dim or int(Hk / H * D * expand) != Hk * v_head_dim:
+            r.fail(
+                "num_key_value_heads",
+                Hk,
+                f"a value whose k/v widths the reference computes exactly "
+                f"(int({Hk}/{H}*{D}) = {int(Hk / H * D)}, not {Hk * head_dim})",
+            )
         if raw.get("v_head_dim") not in (None, -1, v_head_dim):
             warnings.warn(
                 f"{source}: v_head_dim={raw['v_head_dim']} is ignored; the reference uses "
@@ -141,10 +147,9 @@ class HymbaConfig:
             r.fail("rope_type", rope_type, "one of null, 'default', 'ntk'")
 
         window = raw.get("sliding_window")
-        if window is not None:
-            window = r.int("sliding_window")
-            if window < 2:  # quirk Q6: the reference's KV cut duplicates meta tokens for W = 1
-                r.fail("sliding_window", window, "an int >= 2 or null")
+        # quirk Q6: the reference's KV cut duplicates the meta tokens for W = 1
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 2):
+            r.fail("sliding_window", window, "an int >= 2 or null")
         global_idx = r.layer_list("global_attn_idx", L) if window is not None else tuple(range(L))
         is_global = tuple(i in global_idx for i in range(L))
         kv_producer = _kv_producers(r, L, is_global)
@@ -158,7 +163,18 @@ class HymbaConfig:
         rope = raw.get("rope", False)  # the later HF config class defaults a missing key to false
         if not isinstance(rope, bool):
             r.fail("rope", rope, "true or false")
-        ntk_needs_lengths = bool(rope) and rope_type == "ntk"
+        if (rope and head_dim % 2) or (rope and rope_type == "ntk" and head_dim <= 2):
+            r.fail(
+                "num_attention_heads",
+                H,
+                f"a head count giving an even head dim (> 2 for ntk) for RoPE; "
+                f"hidden_size/num_attention_heads = {head_dim}",
+            )
+        is_ntk = bool(rope) and rope_type == "ntk"
+        max_pos = r.int("max_position_embeddings", default=None if is_ntk else 8192)
+        orig_max_pos = r.int("orig_max_position_embeddings", default=None if is_ntk else 2048)
+        if is_ntk and 2 * max_pos <= orig_max_pos:  # the NTK scale 2*max/orig - 1 must be positive
+            r.fail("max_position_embeddings", max_pos, f"> orig_max_position_embeddings / 2 ({orig_max_pos / 2:g})")
 
         return cls(
             vocab_size=r.int("vocab_size"),
@@ -167,7 +183,7 @@ class HymbaConfig:
             num_hidden_layers=L,
             num_attention_heads=H,
             num_key_value_heads=Hk,
-            num_memory_tokens=r.int("num_memory_tokens", default=0, minimum=0),
+            num_memory_tokens=r.int("num_memory_tokens", default=128, minimum=0),  # the reference's default
             sliding_window=window,
             global_attn_idx=global_idx,
             kv_reuse_group=tuple(tuple(g) for g in raw.get("kv_reuse_group") or ()),
@@ -183,10 +199,8 @@ class HymbaConfig:
             rope=rope,
             rope_type=rope_type,
             rope_theta=r.float("rope_theta", 10000.0),
-            max_position_embeddings=r.int("max_position_embeddings", default=None if ntk_needs_lengths else 8192),
-            orig_max_position_embeddings=r.int(
-                "orig_max_position_embeddings", default=None if ntk_needs_lengths else 2048
-            ),
+            max_position_embeddings=max_pos,
+            orig_max_position_embeddings=orig_max_pos,
             bos_token_id=r.optional_int("bos_token_id", 1),
             eos_token_id=eos_ids,
             pad_token_id=r.optional_int("pad_token_id", 0),
@@ -259,7 +273,8 @@ class _Reader:
         return value
 
     def expect(self, key: str, wanted: Any, allowed: tuple[Any, ...]) -> None:
-        if (value := self.raw.get(key)) not in allowed:
+        value = self.raw.get(key)
+        if isinstance(value, bool) or value not in allowed:  # True == 1, but no allowed value here is a bool
             self.fail(key, value, f"{wanted!r} (other values are not supported)")
 
     def layer_list(self, key: str, num_layers: int) -> tuple[int, ...]:

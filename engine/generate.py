@@ -25,8 +25,15 @@ from engine.stops import StopMatcher
 from engine.tokenizer import Tokenizer
 from engine.weights import CheckpointError
 
-# generation_config.json keys that become per-request sampling defaults (vLLM's --generation-config auto)
-_SAMPLING_DEFAULTS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float}
+# generation_config.json keys that become per-request sampling defaults (vLLM's --generation-config auto),
+# each with the range SamplingParams accepts
+_SAMPLING_DEFAULTS = {
+    "temperature": (float, lambda v: v >= 0, "a number >= 0"),
+    "top_p": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (int, lambda v: v >= 0, "an int >= 0"),
+    "min_p": (float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "repetition_penalty": (float, lambda v: v > 0, "a number > 0"),
+}
 
 
 class Engine:
@@ -57,9 +64,11 @@ class Engine:
         each with a one-line message naming the file and the field."""
         start = time.perf_counter()
         model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise CheckpointError(f"{model_dir}: not a directory")
+        defaults, gen_eos = _read_generation_config(model_dir / "generation_config.json")  # small files first:
+        tokenizer = Tokenizer.from_dir(model_dir)  # a bad one fails before the weights are read
         config, model, state = load_model(model_dir, device, dtype, max_model_len)
-        tokenizer = Tokenizer.from_dir(model_dir)
-        defaults, gen_eos = _read_generation_config(model_dir / "generation_config.json")
         eos = tuple(dict.fromkeys(config.eos_token_id + gen_eos))
         return cls(model_dir, config, model, state, tokenizer, defaults, eos, time.perf_counter() - start)
 
@@ -176,11 +185,12 @@ def _read_generation_config(path: Path) -> tuple[dict[str, Any], tuple[int, ...]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError):
         raise CheckpointError(f"{path.name}: not a JSON object") from None
     defaults = {}
-    for key, kind in _SAMPLING_DEFAULTS.items():
+    for key, (kind, is_valid, expected) in _SAMPLING_DEFAULTS.items():
         if key in raw:
             value = raw[key]
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise CheckpointError(f"{path.name}: {key} must be a number, got {value!r}")
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not is_number or (kind is int and value != int(value)) or not is_valid(value):
+                raise CheckpointError(f"{path.name}: {key} must be {expected}, got {value!r}")
             defaults[key] = kind(value)
     eos = raw.get("eos_token_id", [])
     eos = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos

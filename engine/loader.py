@@ -28,6 +28,8 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"device {name!r} asked for, but CUDA is not available on this machine")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and device.index is not None and device.index >= (n := torch.cuda.device_count()):
+        raise ValueError(f"device {name!r} asked for, but this machine has {n} CUDA device(s)")
     return device
 
 
