@@ -1,0 +1,107 @@
+"""`hymba-serve` / `python -m server`: argv and env -> Settings -> one engine per device -> build_app -> uvicorn.
+
+A bad flag or a checkpoint that cannot be loaded ends with one line on stderr and exit status 2. SIGTERM drains:
+new requests get 503, admitted ones get up to --shutdown-timeout to finish, then the rest are cancelled; exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import uvicorn
+
+from server.app import build_app
+from server.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from engine.generate import Engine
+
+log = logging.getLogger("hymba.main")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that the first SIGTERM drains the queue before the usual shutdown begins."""
+
+    def __init__(self, config: uvicorn.Config, drain) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._drain_task: asyncio.Task | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and self._drain_task is None and self.started:
+            # Runs in the main thread between bytecodes of the loop: schedule, don't await.
+            asyncio.get_running_loop().call_soon_threadsafe(self._start_drain)
+            return
+        super().handle_exit(sig, frame)
+
+    def _start_drain(self) -> None:
+        async def drain_then_exit() -> None:
+            await self._drain()
+            self.should_exit = True
+
+        self._drain_task = asyncio.ensure_future(drain_then_exit())
+
+
+def load_engines(settings: Settings) -> list[Engine]:
+    from engine.generate import Engine  # torch comes in here, and only here
+
+    return [Engine.load(settings.model, d, settings.dtype, settings.max_model_len) for d in settings.devices]
+
+
+def serve(settings: Settings, engines: Sequence[Engine]) -> None:
+    app = build_app(settings, engines)
+    queue = app.state.ctx.queue
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,  # the drain already waited; this only bounds closing the connections
+    )
+    server = DrainingServer(config, drain=lambda: queue.drain(settings.shutdown_timeout))
+    sock = config.bind_socket()
+    host, port = sock.getsockname()[:2]
+    log.info("listening on http://%s:%d (model %s)", host, port, app.state.ctx.model_name)
+    server.run(sockets=[sock])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = Settings.from_args(argv)
+        if not (Path(settings.model) / "config.json").is_file():
+            raise SettingsError(f"--model {settings.model}: no config.json there; expected a Hymba checkpoint folder")
+    except SettingsError as e:
+        print(f"hymba-serve: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper() if settings.log_level != "trace" else logging.DEBUG,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        engines = load_engines(settings)
+    except (ValueError, OSError) as e:  # ConfigError, CheckpointError, TokenizerError: one line naming the file
+        print(f"hymba-serve: error: cannot load {settings.model}: {e}", file=sys.stderr)
+        return 2
+    for engine in engines:
+        log.info(
+            "loaded %s on %s in %.2f s; decode state %.1f MiB (%d bytes) per worker; max_model_len %d",
+            engine.model_name,
+            engine.device,
+            engine.load_seconds,
+            engine.state_nbytes / 2**20,
+            engine.state_nbytes,
+            engine.max_model_len,
+        )
+    serve(settings, engines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

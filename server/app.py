@@ -1,0 +1,184 @@
+"""build_app: the FastAPI application around a set of loaded engines (one per device, same checkpoint).
+
+Owns the lifespan (workers start and stop with the app), API-key auth, CORS, the body-size limit, per-request
+metrics, and the one mapping of every failure to OpenAI's error JSON: 400 for validation (never 422), 401, 404,
+405, 413, 429, 499, 500 (without internals), 503, 504.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import itertools
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server import __version__, errors, routes
+from server.metrics import Metrics
+from server.queue import RequestQueue
+from server.serving import ServerContext
+from server.settings import Settings
+
+if TYPE_CHECKING:
+    from engine.generate import Engine
+
+log = logging.getLogger("hymba.app")
+
+
+def build_app(settings: Settings, engines: Sequence[Engine]) -> FastAPI:
+    metrics = Metrics()
+    ctx = ServerContext(settings, engines, RequestQueue(settings.max_queue, metrics), metrics)
+    for engine in engines:
+        metrics.state_bytes.labels(engine.device).set(engine.state_nbytes)
+    metrics.load_seconds.set(max(engine.load_seconds for engine in engines))
+    devices = ",".join(engine.device for engine in engines)
+    metrics.info.info({"model": ctx.model_name, "version": __version__, "devices": devices})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx.queue.start(engines)
+        yield
+        await ctx.queue.stop()
+
+    app = FastAPI(title="hymba-serve", version=__version__, lifespan=lifespan)
+    app.state.ctx = ctx
+    needs_key = [Depends(require_api_key)]
+    app.include_router(routes.v1, dependencies=needs_key)
+    app.include_router(routes.utility, dependencies=needs_key)
+    app.include_router(routes.public)
+
+    app.add_exception_handler(errors.APIError, _on_api_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(HTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected_error)
+
+    # Added last = outermost: metrics see every status, including 413s and CORS rejections.
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, metrics=metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"], allow_headers=["*"]
+        )
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return app
+
+
+def require_api_key(request: Request) -> None:
+    key = request.app.state.ctx.settings.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise errors.unauthorized()
+
+
+def error_response(e: errors.APIError, metrics: Metrics) -> JSONResponse:
+    """The one place an APIError becomes an HTTP response."""
+    metrics.errors.labels(e.type).inc()
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def _on_api_error(request: Request, e: errors.APIError) -> JSONResponse:
+    return error_response(e, request.app.state.ctx.metrics)
+
+
+async def _on_validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    found = e.errors()
+    first = found[0]
+    # One field failing every member of a union (prompt: str | list[int] | ...) reports an error per member,
+    # each loc ending in the member's name: the field is their common prefix.
+    loc = list(first.get("loc", ()))
+    for other in found[1:]:
+        other_loc = list(other.get("loc", ()))
+        if other_loc[:2] == loc[:2]:
+            loc = [a for a, _ in itertools.takewhile(lambda ab: ab[0] == ab[1], zip(loc, other_loc, strict=False))]
+    loc = [part for part in loc if part != "body"]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    message = first.get("msg", "Invalid request.")
+    if first.get("type") == "json_invalid":
+        param, message = None, f"The body is not valid JSON: {first.get('ctx', {}).get('error', message)}"
+    elif param:
+        message = f"{param}: {message}"
+    return await _on_api_error(request, errors.invalid_request(message, param=param))
+
+
+async def _on_http_error(request: Request, e: HTTPException) -> JSONResponse:
+    if e.status_code == 404:
+        api_error = errors.not_found(f"No route {request.method} {request.url.path}.")
+    elif e.status_code == 405:
+        api_error = errors.method_not_allowed(request.method, request.url.path)
+    else:
+        api_error = errors.APIError(e.status_code, str(e.detail))
+    return await _on_api_error(request, api_error)
+
+
+async def _on_unexpected_error(request: Request, e: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=e)
+    return await _on_api_error(request, errors.internal("The server failed to handle the request."))
+
+
+class BodyLimit:
+    """413 for a body over the limit, whether it declares its length or streams it in chunks."""
+
+    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics) -> None:
+        self.app, self.limit, self.metrics = app, limit, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(scope, receive, send)
+        body, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left mid-body
+                return
+            body.append(message.get("body", b""))
+            more = message.get("more_body", False)
+            if sum(map(len, body)) > self.limit:
+                return await self._reject(scope, receive, send)
+        replay: list[Message] = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
+
+        async def replayed() -> Message:  # the body once, then the client's own events (disconnect)
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await error_response(errors.body_too_large(self.limit), self.metrics)(scope, receive, send)
+
+
+class RequestMetrics:
+    """Counts every response by endpoint (the route's path template, or "other") and status code."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # an exception before the response started
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.metrics.requests.labels(_endpoint(scope), str(status)).inc()
+
+
+def _endpoint(scope: Scope) -> str:
+    """The matched route's template (routing records it in the scope); "other" keeps label values bounded."""
+    return getattr(scope.get("route"), "path_format", None) or "other"
