@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_config import CONFORMANCE_DIR, CONFORMANCE_NAMES, config_with
 
 from engine.config import HymbaConfig
 from engine.weights import CheckpointError, expected_shapes, load_weights
+from tests.engine.test_config import CONFORMANCE_DIR, CONFORMANCE_NAMES, config_with
 
 TIED = "hymba-mirror-12L"  # bf16 file, tie_word_embeddings true, no lm_head.weight
 UNTIED = "hymba-gqa-untied-7L"  # bf16 file, tie_word_embeddings false, carries lm_head.weight
