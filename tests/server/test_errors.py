@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -11,7 +12,7 @@ import pytest
 
 from server.app import build_app
 from server.settings import Settings
-from tests.server.fake_engine import FAIL_ID, FakeEngine
+from tests.server.conftest import MAX_MODEL_LEN, MODEL, ODD_6L, VOCAB_SIZE, wait_until
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -40,11 +41,11 @@ def error_of(r: httpx.Response, status: int, param: str | None = None, code: str
         (COMPLETIONS, {"prompt": "t5", "n": 17}, "n"),
         (COMPLETIONS, {"prompt": [1, "t5"]}, "prompt"),
         (COMPLETIONS, {"prompt": [], "max_tokens": 1}, "prompt"),
-        (COMPLETIONS, {"prompt": [1, 300]}, "prompt"),
+        (COMPLETIONS, {"prompt": [1, VOCAB_SIZE]}, "prompt"),
         (COMPLETIONS, {"prompt": "t5", "suffix": "t9"}, "suffix"),
         (COMPLETIONS, {"prompt": "t5", "best_of": 2}, "best_of"),
         (COMPLETIONS, {"prompt": "t5", "stream_options": {"include_usage": True}}, "stream_options"),
-        (COMPLETIONS, {"prompt": "t5", "logit_bias": {"400": 1}}, "logit_bias"),
+        (COMPLETIONS, {"prompt": "t5", "logit_bias": {str(VOCAB_SIZE): 1}}, "logit_bias"),
         (COMPLETIONS, {"prompt": "t5", "logit_bias": {"t5": 1}}, "logit_bias"),
         (COMPLETIONS, {"prompt": "t5", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),
         (COMPLETIONS, {"prompt": "t5", "stop_token_ids": [-1]}, "stop_token_ids"),
@@ -72,17 +73,19 @@ def test_bad_json_is_400(client):
 
 
 def test_context_limit_names_both_numbers(client):
-    err = error_of(client.post(COMPLETIONS, json={"prompt": [1] * 60, "max_tokens": 10}), 400, "prompt")
-    assert err["code"] == "context_length_exceeded"
-    assert "64" in err["message"] and "60 in the prompt" in err["message"] and "10 for the completion" in err["message"]
-    chat = client.post(CHAT, json={"messages": [{"role": "user", "content": " ".join(["t5"] * 70)}]})
+    num_prompt_tokens = MAX_MODEL_LEN - 4
+    body = {"prompt": [1] * num_prompt_tokens, "max_tokens": 10}
+    err = error_of(client.post(COMPLETIONS, json=body), 400, "prompt", "context_length_exceeded")
+    assert f"{MAX_MODEL_LEN} tokens" in err["message"] and f"{num_prompt_tokens} in the prompt" in err["message"]
+    assert "10 for the completion" in err["message"]
+    chat = client.post(CHAT, json={"messages": [{"role": "user", "content": " ".join(["t5"] * MAX_MODEL_LEN)}]})
     error_of(chat, 400, "messages", "context_length_exceeded")
 
 
-def test_sdk_raises_bad_request(fake_server):
-    with openai.OpenAI(base_url=fake_server.url + "/v1", api_key="x", max_retries=0) as sdk:
+def test_sdk_raises_bad_request(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as sdk:
         with pytest.raises(openai.BadRequestError) as e:
-            sdk.completions.create(model="hymba-fake", prompt="t5", suffix="!")
+            sdk.completions.create(model=MODEL, prompt="t5", suffix="!")
         assert e.value.status_code == 400 and e.value.body["param"] == "suffix"
         with pytest.raises(openai.NotFoundError):
             sdk.completions.create(model="gpt-4", prompt="t5")
@@ -95,7 +98,7 @@ def test_unknown_model_route_and_method(client):
     error_of(client.get(COMPLETIONS), 405, None, "method_not_allowed")
 
 
-def test_api_key(make_server):
+def test_api_key(make_server, oracle):
     live = make_server(api_key="sesame")
     with httpx.Client(base_url=live.url) as c:
         error_of(c.post(COMPLETIONS, json={"prompt": "t5", "max_tokens": 1}), 401, None, "invalid_api_key")
@@ -110,7 +113,8 @@ def test_api_key(make_server):
     ):
         sdk.models.list()
     with openai.OpenAI(base_url=live.url + "/v1", api_key="sesame", max_retries=0) as sdk:
-        assert sdk.completions.create(model="hymba-fake", prompt="t5", max_tokens=1).choices[0].text == "t6"
+        out = sdk.completions.create(model=MODEL, prompt="t5", max_tokens=2, temperature=0)
+        assert out.choices[0].text == oracle.complete("t5", max_tokens=2, temperature=0).text
 
 
 def test_body_too_large(make_server):
@@ -123,32 +127,42 @@ def test_body_too_large(make_server):
         assert c.post(COMPLETIONS, json={"prompt": "t5", "max_tokens": 1}).status_code == 200
 
 
-def test_engine_failure_is_500_without_internals_and_the_worker_survives(client, fake_server):
-    r = client.post(COMPLETIONS, json={"prompt": [1, FAIL_ID], "max_tokens": 4})
+def test_engine_failure_is_500_without_internals_and_the_worker_survives(client, server, oracle, decode_hook):
+    decode_hook(server.engine).num_failures = 1  # the first token comes from prefill; decoding the second fails
+    r = client.post(COMPLETIONS, json={"prompt": "t5", "max_tokens": 4, "ignore_eos": True})
     err = error_of(r, 500, None, "internal_error")
     assert "on purpose" not in err["message"] and "Traceback" not in err["message"]
-    assert client.post(COMPLETIONS, json={"prompt": "t5", "max_tokens": 2}).json()["choices"][0]["text"] == "t6 t7"
+    out = client.post(COMPLETIONS, json={"prompt": "t5", "max_tokens": 2, "temperature": 0}).json()
+    assert out["choices"][0]["text"] == oracle.complete("t5", max_tokens=2, temperature=0).text
 
 
-def test_error_after_stream_start_is_one_event_then_done(client):
-    body = {"prompt": [1, FAIL_ID], "max_tokens": 4, "stream": True}
+def test_error_after_stream_start_is_one_event_then_done(client, server, oracle, decode_hook):
+    decode_hook(server.engine).num_failures = 1
+    body = {"prompt": "t5", "max_tokens": 4, "temperature": 0, "ignore_eos": True, "stream": True}
     with client.stream("POST", COMPLETIONS, json=body) as r:
         assert r.status_code == 200
         raw = r.read().decode()
     events = raw.split("\n\n")
-    assert events[-2:] == ["data: [DONE]", ""]
-    error = json.loads(events[-3].removeprefix("data: "))
+    assert len(events) == 4 and events[-2:] == ["data: [DONE]", ""]
+    error = json.loads(events[1].removeprefix("data: "))
     assert set(error) == {"error"} and error["error"]["type"] == "server_error"
-    assert json.loads(events[0].removeprefix("data: "))["choices"][0]["text"] == "t3"
+    first = oracle.complete("t5", max_tokens=4, temperature=0, ignore_eos=True).texts[0]
+    assert json.loads(events[0].removeprefix("data: "))["choices"][0]["text"] == first
 
 
-def test_timeout_is_504_and_frees_the_worker(make_server):
-    engine = FakeEngine(token_delay=0.05)
-    live = make_server([engine], request_timeout=0.3)
-    with httpx.Client(base_url=live.url, timeout=10) as c:
-        error_of(c.post(COMPLETIONS, json={"prompt": "t5", "max_tokens": 50}), 504, None, "timeout")
-        assert engine.runs[-1].num_tokens < 12  # stopped within a token of the deadline, not after 50
+def test_timeout_is_504_and_frees_the_worker(make_server, decode_hook):
+    live = make_server(request_timeout=0.3)
+    hook = decode_hook(live.engine)
+    hook.delay = 0.05  # 100 tokens would take 5 s
+    with httpx.Client(base_url=live.url, timeout=30) as c:
+        body = {"prompt": "t5", "max_tokens": 100, "ignore_eos": True}
+        error_of(c.post(COMPLETIONS, json=body), 504, None, "timeout")
+        answered_at = time.monotonic()
         assert live.metric("hymba_cancellations_total", reason="timeout") == 1
+        wait_until(lambda: live.metric("hymba_requests_finished_total", finish_reason="cancelled") == 1)
+        assert hook.num_started_after(answered_at) <= 1  # cancelled before the 504 was sent: one token at most
+        assert live.metric("hymba_generated_tokens_total") < 100
+        hook.delay = 0
         assert c.post(COMPLETIONS, json={"prompt": "t5", "max_tokens": 2}).status_code == 200
 
 
@@ -162,9 +176,9 @@ def test_draining_is_503(make_server):
         assert r.headers["retry-after"]
 
 
-def test_loading_is_503():
+def test_loading_is_503(engine):
     """Before the lifespan has started the workers (the app is built, the model not yet serving)."""
-    app = build_app(Settings(model="unused"), [FakeEngine()])
+    app = build_app(Settings(model=str(ODD_6L)), [engine])
 
     async def run():
         transport = httpx.ASGITransport(app=app)  # no lifespan: the workers never start

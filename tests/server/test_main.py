@@ -1,4 +1,5 @@
-"""The process: `python -m server` start-up and its exit-2 errors, and SIGTERM drain in a subprocess."""
+"""The process: `python -m server` start-up and its exit-2 errors, and SIGTERM drain, each a real server subprocess
+on hymba-odd-6L."""
 
 from __future__ import annotations
 
@@ -15,19 +16,18 @@ from pathlib import Path
 import httpx
 import pytest
 
+from engine.api import GenerationRequest, SamplingParams
 from server.__main__ import main
-from tests.server.fake_engine import ODD_6L
+from tests.server.conftest import ODD_6L, load_engine, wait_until
 
-HERE = Path(__file__).parent
-ROOT = HERE.parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 class Process:
     """A server subprocess whose log is read in the background; `url` comes from its `listening on` line."""
 
     def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "PYTHONPATH": pythonpath, **(env or {})}  # a script's sys.path lacks the repo root
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # see one_torch_thread in conftest.py
         out = subprocess.PIPE
         self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
@@ -109,64 +109,57 @@ def test_server_modules_do_not_import_torch():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
 
-def test_real_checkpoint_serves_and_logs_its_start(processes):
-    pytest.importorskip("engine.generate", reason="engine/generate.py has not landed")
-    env = {"HYMBA_MAX_MODEL_LEN": "96"}  # the environment twin of --max-model-len
+def test_real_checkpoint_serves_logs_its_start_and_drains_on_sigterm(processes):
+    env = {"HYMBA_MAX_MODEL_LEN": "1024"}  # the environment twin of --max-model-len
     server = processes(sys.executable, "-m", "server", "--model", str(ODD_6L), "--port", "0", env=env)
     url = server.wait_for_url()
     log = "".join(server.lines)
     assert re.search(r"loaded hymba-odd-6L on cpu in [\d.]+ s; decode state [\d.]+ MiB \(\d+ bytes\)", log), log
-    assert "max_model_len 96" in log
+    assert "max_model_len 1024" in log
     out = httpx.post(url + "/v1/completions", json={"prompt": [1, 5, 6], "max_tokens": 3, "temperature": 0}).json()
     assert out["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
-    server.proc.send_signal(signal.SIGTERM)
+    request = GenerationRequest((1, 5, 6), SamplingParams(max_tokens=3, temperature=0))
+    assert out["choices"][0]["text"] == "".join(e.text for e in load_engine(max_model_len=1024).generate(request))
+
+    lines = stream_through_sigterm(server, url, max_tokens=100)  # outlasts the checks; the default drain waits 30 s
+    assert json.loads(lines[-3].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+    assert json.loads(lines[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 100
     assert server.proc.wait(timeout=30) == 0, "".join(server.lines)
 
 
-def _stream_in_background(url: str, body: dict) -> tuple[threading.Thread, list[str], threading.Event]:
+def test_sigterm_cuts_off_what_outlasts_the_shutdown_timeout(processes):
+    flags = ["--model", str(ODD_6L), "--max-model-len", "1024", "--port", "0", "--shutdown-timeout", "2"]
+    server = processes(sys.executable, "-m", "server", *flags)
+    url = server.wait_for_url()
+    lines = stream_through_sigterm(server, url, max_tokens=1000)  # 6 s or more: cut off after 2
+    assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "draining" and len(lines) < 1000
+    assert server.proc.wait(timeout=30) == 0, "".join(server.lines)
+
+
+def stream_through_sigterm(server: Process, url: str, max_tokens: int) -> list[str]:
+    """Stream a generation of `max_tokens`; after its first token, SIGTERM the server and check that it refuses
+    new work while draining. Returns the stream's lines, ending with [DONE]. At about 6 ms a token on an idle CPU."""
     lines: list[str] = []
     first = threading.Event()
+    body = {"prompt": "t5", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    body["stream_options"] = {"include_usage": True}
 
     def read() -> None:
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             for line in r.iter_lines():
                 if line:
                     lines.append(line)
                     first.set()
 
-    thread = threading.Thread(target=read, daemon=True)
-    thread.start()
-    return thread, lines, first
-
-
-@pytest.mark.parametrize("shutdown_timeout, is_finished", [(10, True), (0.3, False)], ids=["finishes", "cut-off"])
-def test_sigterm_drains(processes, shutdown_timeout, is_finished):
-    server = processes(
-        sys.executable,
-        str(HERE / "serve_fake.py"),
-        "--model",
-        str(ODD_6L),
-        "--port",
-        "0",
-        "--shutdown-timeout",
-        str(shutdown_timeout),
-        env={"HYMBA_FAKE_TOKEN_DELAY": "0.05"},
-    )
-    url = server.wait_for_url()
-    thread, lines, first = _stream_in_background(url, {"prompt": "t5", "max_tokens": 20, "stream": True})
-    assert first.wait(10)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert first.wait(30)
     server.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.1)
+    wait_until(lambda: httpx.get(url + "/health", timeout=5).status_code == 503)
     health = httpx.get(url + "/health", timeout=5)
     assert health.status_code == 503 and health.json()["error"]["code"] == "draining"
     refused = httpx.post(url + "/v1/completions", json={"prompt": "t5", "max_tokens": 1}, timeout=5)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
-    thread.join(timeout=20)
+    reader.join(timeout=60)
     assert lines[-1] == "data: [DONE]"
-    last = json.loads(lines[-2].removeprefix("data: "))
-    if is_finished:
-        text = "".join(json.loads(line.removeprefix("data: "))["choices"][0]["text"] for line in lines[:-1])
-        assert len(text.split()) == 20 and last["choices"][0]["finish_reason"] == "length"
-    else:
-        assert last["error"]["code"] == "draining" and len(lines) < 20
-    assert server.proc.wait(timeout=20) == 0, "".join(server.lines)
+    return lines

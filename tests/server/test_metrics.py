@@ -5,7 +5,9 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.fake_engine import FAIL_ID, FakeEngine
+from tests.server.conftest import wait_until
+
+CHAT = {"messages": [{"role": "user", "content": "t5"}], "max_tokens": 3, "ignore_eos": True, "stream": True}
 
 
 def scrape(url: str) -> dict[str, list]:
@@ -21,16 +23,19 @@ def value(families: dict, sample_name: str, **labels: str) -> float:
     raise AssertionError(f"{sample_name} {labels} not exported")
 
 
-def test_metrics_after_traffic(make_server):
-    live = make_server([FakeEngine(token_delay=0.002)])
-    with httpx.Client(base_url=live.url) as c:
-        assert c.post("/v1/completions", json={"prompt": "t5", "max_tokens": 4}).status_code == 200
-        chat = {"messages": [{"role": "user", "content": "t5"}], "max_tokens": 3, "stream": True}
-        with c.stream("POST", "/v1/chat/completions", json=chat) as r:
+def test_metrics_after_traffic(make_server, decode_hook, oracle):
+    live = make_server()
+    hook = decode_hook(live.engine)
+    with httpx.Client(base_url=live.url, timeout=30) as c:
+        assert c.post("/v1/completions", json={"prompt": "t5", "max_tokens": 4, "ignore_eos": True}).status_code == 200
+        with c.stream("POST", "/v1/chat/completions", json=CHAT) as r:
             r.read()
         assert c.post("/v1/completions", json={"prompt": "t5", "temperature": 9}).status_code == 400
-        assert c.post("/v1/completions", json={"prompt": [1, FAIL_ID], "max_tokens": 3}).status_code == 500
+        hook.num_failures = 1  # one token from prefill, then decode fails
+        r = c.post("/v1/completions", json={"prompt": "t5", "max_tokens": 3, "ignore_eos": True})
+        assert r.status_code == 500
         assert c.get("/no/such/route").status_code == 404
+    wait_until(lambda: live.metric("hymba_e2e_request_latency_seconds_count") == 3)  # the worker's last bookkeeping
     m = scrape(live.url)
     assert value(m, "hymba_requests_total", endpoint="/v1/completions", status="200") == 1
     assert value(m, "hymba_requests_total", endpoint="/v1/chat/completions", status="200") == 1
@@ -38,7 +43,8 @@ def test_metrics_after_traffic(make_server):
     assert value(m, "hymba_requests_total", endpoint="/v1/completions", status="500") == 1
     assert value(m, "hymba_requests_total", endpoint="other", status="404") == 1
     assert value(m, "hymba_generated_tokens_total") == 4 + 3 + 1  # the failed request made one token
-    assert value(m, "hymba_prompt_tokens_total") >= 2 + 2 + 2
+    num_prompt_tokens = 2 * len(oracle.tokenizer.encode("t5")) + len(oracle.tokenizer.encode_chat(CHAT["messages"]))
+    assert value(m, "hymba_prompt_tokens_total") == num_prompt_tokens
     assert value(m, "hymba_time_to_first_token_seconds_count") == 3
     assert value(m, "hymba_inter_token_latency_seconds_count") == 3 + 2
     assert value(m, "hymba_e2e_request_latency_seconds_count") == 3
@@ -48,13 +54,14 @@ def test_metrics_after_traffic(make_server):
     assert value(m, "hymba_errors_total", type="invalid_request_error") == 2  # the 400 and the 404
     assert value(m, "hymba_errors_total", type="server_error") == 1
     assert value(m, "hymba_requests_running") == 0 and value(m, "hymba_requests_waiting") == 0
-    assert value(m, "hymba_decode_state_bytes", device="cpu") == 123_456
-    assert value(m, "hymba_model_load_seconds") == 0.25
-    assert value(m, "hymba_model_info", model="hymba-fake", version="0.1.0") == 1
+    assert value(m, "hymba_decode_state_bytes", device="cpu") == live.engine.state_nbytes
+    assert value(m, "hymba_model_load_seconds") == live.engine.load_seconds
+    assert value(m, "hymba_model_info", model=live.engine.model_name, version="0.1.0") == 1
     assert "hymba_cancellations" in m
 
 
 def test_each_app_has_its_own_registry(make_server):
     first, second = make_server(), make_server()
-    httpx.post(first.url + "/v1/completions", json={"prompt": "t5", "max_tokens": 1})
-    assert first.metric("hymba_generated_tokens_total") == 1 and second.metric("hymba_generated_tokens_total") == 0
+    httpx.post(first.url + "/v1/completions", json={"prompt": "t5", "max_tokens": 1}, timeout=30)
+    wait_until(lambda: first.metric("hymba_generated_tokens_total") == 1)
+    assert second.metric("hymba_generated_tokens_total") == 0
