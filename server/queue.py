@@ -11,7 +11,6 @@ import asyncio
 import collections
 import contextlib
 import enum
-import itertools
 import logging
 import threading
 import time
@@ -187,7 +186,7 @@ class RequestQueue:
             self.metrics.queue_wait.observe(started_at - job.admitted_at)
             self.metrics.prompt_tokens.inc(len(job.request.prompt_ids))
             try:
-                await asyncio.to_thread(_generate_into, engine, job, loop)
+                await asyncio.to_thread(_generate_into, engine, job, loop, self.metrics)
             finally:
                 self._running.discard(job)
                 self._changed()
@@ -204,27 +203,35 @@ class RequestQueue:
             self._idle.set()
 
     def _record_finished(self, job: Job, started_at: float) -> None:
+        """Per-request figures; tokens, TTFT and inter-token gaps are recorded as each token comes (_record_token)."""
         m, times = self.metrics, job.token_times
-        m.generated_tokens.inc(len(times))
         if job.final is not None and job.final.finish_reason is not None:
             m.finished.labels(job.final.finish_reason.value).inc()
         if not times:
             return
-        m.time_to_first_token.observe(times[0] - job.admitted_at)
         m.e2e_latency.observe(times[-1] - job.admitted_at)
-        for earlier, later in itertools.pairwise(times):
-            m.inter_token_latency.observe(later - earlier)
         if len(times) > 1 and times[-1] > times[0]:
             m.decode_rate.observe((len(times) - 1) / (times[-1] - times[0]))
 
 
-def _generate_into(engine: Engine, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+def _record_token(job: Job, metrics: Metrics) -> None:
+    """As each token comes, so that tokens/s and a stalled worker show on /metrics while requests run."""
+    now = time.monotonic()
+    metrics.generated_tokens.inc()
+    if job.token_times:
+        metrics.inter_token_latency.observe(now - job.token_times[-1])
+    else:
+        metrics.time_to_first_token.observe(now - job.admitted_at)
+    job.token_times.append(now)
+
+
+def _generate_into(engine: Engine, job: Job, loop: asyncio.AbstractEventLoop, metrics: Metrics) -> None:
     """Runs in a worker thread: the one place engine.generate is called. Never raises."""
     item: TokenEvent | BaseException
     try:
         for item in engine.generate(job.request, should_stop=job.cancelled.is_set):
             if item.token_id is not None:
-                job.token_times.append(time.monotonic())
+                _record_token(job, metrics)
             if item.finish_reason is not None:
                 job.final = item
                 job.is_done = True
