@@ -90,7 +90,7 @@ def check_case(model: HymbaForCausalLM, state: DecodeState, vec: dict, key: str,
         if t + 1 < T:
             logits = model.decode(torch.tensor(greedy[-1], device=device), state)
     low = (gen_margin < tol.greedy_margin).nonzero()
-    checked = int(low[0]) + 1 if len(low) else T  # rows up to and including the first unclear one
+    checked = int(low[0]) if len(low) else T  # rows before the first one whose golden margin is within noise
     greedy_ok = greedy[:checked] == gen_ids[:checked].tolist()
     num_matching = next((t for t in range(T) if greedy[t] != int(gen_ids[t])), T)
 

@@ -1,20 +1,96 @@
 """Kernel entry points used by the engine. For each op, one visible choice: Triton on CUDA, else the twin.
 
-(The Triton launchers land with the kernels issue; until then every op is its PyTorch twin.)
+The choice follows the tensors' device, never an environment variable: under TRITON_INTERPRET=1 (the CPU test run)
+the engine still runs the twins on CPU tensors, while tests/kernels call the launchers directly. use_triton(False)
+forces the twins on CUDA too (engine.bench measures both paths in one run).
 """
 
-from kernels.attention import attention_decode_ref as attention_decode
-from kernels.attention import attention_prefill_ref as attention_prefill
-from kernels.causal_conv1d import causal_conv1d_ref as causal_conv1d
-from kernels.causal_conv1d import causal_conv1d_update_ref as causal_conv1d_update
-from kernels.selective_scan import selective_scan_ref as selective_scan
-from kernels.ssm_update import ssm_update_ref as ssm_update
+from __future__ import annotations
+
+from torch import Tensor
+
+from kernels import attention as _attention
+from kernels import causal_conv1d as _conv
+from kernels import rms_norm as _norm
+from kernels import selective_scan as _scan
+from kernels import ssm_update as _update
+from kernels._triton import HAS_TRITON
+
+_use_triton = HAS_TRITON
+
+
+def use_triton(enabled: bool) -> None:
+    """Send CUDA tensors to the Triton launchers (the default where triton is installed) or to the twins."""
+    global _use_triton
+    _use_triton = enabled and HAS_TRITON
+
+
+def _on_triton(x: Tensor) -> bool:
+    return _use_triton and x.is_cuda
+
+
+def selective_scan(
+    u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, dt_bias: Tensor, ssm_state: Tensor
+) -> Tensor:
+    if _on_triton(u):
+        return _scan.selective_scan(u, dt, A, B, C, D, z, dt_bias, ssm_state)
+    return _scan.selective_scan_ref(u, dt, A, B, C, D, z, dt_bias, ssm_state)
+
+
+def ssm_update(
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, dt_bias: Tensor
+) -> Tensor:
+    if _on_triton(x):
+        return _update.ssm_update(state, x, dt, A, B, C, D, z, dt_bias)
+    return _update.ssm_update_ref(state, x, dt, A, B, C, D, z, dt_bias)
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor) -> Tensor:
+    if _on_triton(x):
+        return _conv.causal_conv1d(x, weight, bias, conv_state)
+    return _conv.causal_conv1d_ref(x, weight, bias, conv_state)
+
+
+def causal_conv1d_update(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor) -> Tensor:
+    if _on_triton(x):
+        return _conv.causal_conv1d_update(x, weight, bias, conv_state)
+    return _conv.causal_conv1d_update_ref(x, weight, bias, conv_state)
+
+
+def attention_prefill(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None, num_meta: int
+) -> Tensor:
+    if _on_triton(q):
+        return _attention.attention_prefill(q, k, v, q_pos, k_pos, window, num_meta)
+    return _attention.attention_prefill_ref(q, k, v, q_pos, k_pos, window, num_meta)
+
+
+def attention_decode(q: Tensor, k_buf: Tensor, v_buf: Tensor, num_valid: Tensor | int) -> Tensor:
+    if _on_triton(q):
+        return _attention.attention_decode(q, k_buf, v_buf, num_valid)
+    return _attention.attention_decode_ref(q, k_buf, v_buf, num_valid)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    if _on_triton(x):
+        return _norm.rms_norm(x, weight, eps)
+    return _norm.rms_norm_ref(x, weight, eps)
+
+
+def rms_norm_average(a: Tensor, b: Tensor, weight_a: Tensor, weight_b: Tensor, eps: float) -> Tensor:
+    if _on_triton(a):
+        return _norm.rms_norm_average(a, b, weight_a, weight_b, eps)
+    return _norm.rms_norm_average_ref(a, b, weight_a, weight_b, eps)
+
 
 __all__ = [
     "attention_decode",
     "attention_prefill",
     "causal_conv1d",
     "causal_conv1d_update",
+    "rms_norm",
+    "rms_norm_average",
     "selective_scan",
     "ssm_update",
+    "use_triton",
 ]

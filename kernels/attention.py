@@ -4,6 +4,7 @@ Masks follow spec section 7, with positions indexed in the meta-prefixed sequenc
 query i iff j <= i, and for sliding-window layers also (j < num_meta or i - j <= window). Decode: the caller's
 buffer holds exactly the visible keys (meta + rolling window, or a global layer's whole history), so the one query
 attends to every valid slot. GQA: query head h reads KV head h // (H / Hk). Scale 1/sqrt(q/k head dim) (Q11).
+Triton kernels + launchers attention_prefill / attention_decode for CUDA (and TRITON_INTERPRET=1), with _ref twins.
 """
 
 from __future__ import annotations
@@ -12,8 +13,264 @@ import math
 
 import torch
 
+from kernels._triton import tl, triton
+
+LOG2_E = 1.4426950408889634
+
+# prefill: a program owns BLOCK_M queries of one head and walks only the key tiles its mask can reach
+# (64, 128, 4 warps): fastest of 8 shapes on the H100 for the 1.5B heads (dq 64, dv 128), global and sliding
+PREFILL_BLOCK_M = 64
+PREFILL_BLOCK_N = 128
+PREFILL_NUM_WARPS = 4
+PREFILL_NUM_STAGES = 2
+# decode: the key axis is cut into splits of DECODE_SPLIT keys; a program owns one KV head's query group and one
+# split. The number of splits depends on the buffer's capacity only, so a CUDA graph can capture the launch.
+DECODE_SPLIT = 256
+DECODE_BLOCK_N = 64
+
 # The prefill twin materialises (H, block, S) scores; this bounds their elements.
 _MAX_SCORE_ELEMENTS = 1 << 25
+
+
+@triton.jit
+def _count_below(pos_ptr, n, x, SEARCH_BLOCK: tl.constexpr):
+    """How many of the ascending pos[0:n] are < x, in two vector loads (needs n <= SEARCH_BLOCK**2)."""
+    offs = tl.arange(0, SEARCH_BLOCK)
+    stride = tl.cdiv(n, SEARCH_BLOCK)
+    sample = offs * stride
+    num_coarse = tl.sum((tl.load(pos_ptr + sample, mask=sample < n, other=x) < x).to(tl.int32))
+    # pos[(c-1)*stride] < x <= pos[c*stride] (or c*stride >= n): the answer is in ((c-1)*stride, c*stride]
+    first = (num_coarse - 1) * stride + 1
+    fine = first + offs
+    in_gap = (num_coarse > 0) & (fine < tl.minimum(num_coarse * stride, n))
+    num_fine = tl.sum((tl.load(pos_ptr + fine, mask=in_gap, other=x) < x).to(tl.int32))
+    return tl.where(num_coarse > 0, first + num_fine, 0)
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, q, start_n, end_n, k_ptr, v_ptr, stride_k_s, stride_v_s, scale_log2,
+    q_pos, k_pos_ptr, num_meta, window,
+    HAS_POSITIONS: tl.constexpr, IS_SLIDING: tl.constexpr, DQ: tl.constexpr, DV: tl.constexpr,
+    BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax step over keys [start_n, min(start_n + BLOCK_N, end_n)) (flash attention). Without
+    positions every key in range is visible; with them, the spec 7.1 mask of q_pos against k_pos applies."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < end_n
+    offs_dq = tl.arange(0, BLOCK_DQ)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = tl.load(k_ptr + offs_n[:, None] * stride_k_s + offs_dq[None, :],
+                mask=mask_n[:, None] & (offs_dq < DQ)[None, :], other=0.0)  # fmt: skip
+    v = tl.load(v_ptr + offs_n[:, None] * stride_v_s + offs_dv[None, :],
+                mask=mask_n[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
+    visible = mask_n[None, :]  # (1, BLOCK_N), broadcast against the query rows
+    if HAS_POSITIONS:
+        k_pos = tl.load(k_pos_ptr + offs_n, mask=mask_n, other=0)
+        visible = visible & (k_pos[None, :] <= q_pos[:, None])  # (BLOCK_M, BLOCK_N)
+        if IS_SLIDING:  # spec 7.1: meta tokens always, else at most `window` back
+            visible &= (k_pos[None, :] < num_meta) | (q_pos[:, None] - k_pos[None, :] <= window)
+
+    scores = tl.dot(q, tl.trans(k), input_precision="ieee") if IEEE else tl.dot(q, tl.trans(k))
+    scores = tl.where(visible, scores * scale_log2, float("-inf"))  # log2 units
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at zero weight
+    p = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attention_prefill_kernel(
+    q_ptr, k_ptr, v_ptr, q_pos_ptr, k_pos_ptr, out_ptr,  # pointers
+    T, S, num_meta, window, scale_log2,  # sizes and mask parameters
+    stride_q_t, stride_q_h, stride_k_h, stride_k_s, stride_v_h, stride_v_s, stride_out_t, stride_out_h,  # strides
+    GROUP: tl.constexpr, IS_SLIDING: tl.constexpr, DQ: tl.constexpr, DV: tl.constexpr,  # meta
+    BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEARCH_BLOCK: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    i_m, i_h = tl.program_id(0), tl.program_id(1)
+    k_ptr += (i_h // GROUP) * stride_k_h  # GQA: query head h reads KV head h // GROUP
+    v_ptr += (i_h // GROUP) * stride_v_h
+    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dq = tl.arange(0, BLOCK_DQ)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < T
+    q = tl.load(q_ptr + offs_m[:, None] * stride_q_t + i_h * stride_q_h + offs_dq[None, :],
+                mask=mask_m[:, None] & (offs_dq < DQ)[None, :], other=0.0)  # fmt: skip
+    q_pos = tl.load(q_pos_ptr + offs_m, mask=mask_m, other=0)
+    q_pos_max = tl.max(tl.where(mask_m, q_pos, 0))
+    q_pos_min = tl.min(tl.where(mask_m, q_pos, q_pos_max))
+
+    # Keys are ascending by position, so the visible ones lie in [0, meta_end) + [lo, hi): tiles outside are skipped,
+    # which makes a sliding-window layer O(T * (window + meta)) rather than O(T * S).
+    hi = _count_below(k_pos_ptr, S, q_pos_max + 1, SEARCH_BLOCK)
+    if IS_SLIDING:
+        lo = _count_below(k_pos_ptr, S, q_pos_min - window, SEARCH_BLOCK)
+        meta_end = tl.minimum(_count_below(k_pos_ptr, S, num_meta, SEARCH_BLOCK), lo)
+    else:
+        lo = 0
+        meta_end = 0
+
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start_n in range(0, meta_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, start_n, meta_end, k_ptr, v_ptr, stride_k_s, stride_v_s, scale_log2,
+            q_pos, k_pos_ptr, num_meta, window, True, IS_SLIDING, DQ, DV, BLOCK_DQ, BLOCK_DV, BLOCK_N, IEEE,
+        )  # fmt: skip
+    for start_n in range(lo, hi, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, start_n, hi, k_ptr, v_ptr, stride_k_s, stride_v_s, scale_log2,
+            q_pos, k_pos_ptr, num_meta, window, True, IS_SLIDING, DQ, DV, BLOCK_DQ, BLOCK_DV, BLOCK_N, IEEE,
+        )  # fmt: skip
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + offs_m[:, None] * stride_out_t + i_h * stride_out_h + offs_dv[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_dv < DV)[None, :])  # fmt: skip
+
+
+@triton.jit
+def _attention_decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, num_valid_ptr, m_part_ptr, l_part_ptr, acc_part_ptr,  # pointers
+    num_valid, num_splits, scale_log2,  # sizes
+    stride_k_h, stride_k_s, stride_v_h, stride_v_s,  # strides, in elements (q and the partials are contiguous)
+    GROUP: tl.constexpr, DQ: tl.constexpr, DV: tl.constexpr, NUM_VALID_IN_MEMORY: tl.constexpr,  # meta
+    BLOCK_G: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Partial softmax of KV head i_kv's query group over keys [i_s*SPLIT, (i_s+1)*SPLIT) of the valid ones."""
+    i_kv, i_s = tl.program_id(0), tl.program_id(1)
+    if NUM_VALID_IN_MEMORY:
+        num_valid = tl.load(num_valid_ptr).to(tl.int32)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_dq = tl.arange(0, BLOCK_DQ)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    heads = i_kv * GROUP + offs_g  # the query heads of this KV head
+    mask_g = offs_g < GROUP
+    q = tl.load(q_ptr + heads[:, None] * DQ + offs_dq[None, :], mask=mask_g[:, None] & (offs_dq < DQ)[None, :],
+                other=0.0)  # fmt: skip
+    acc = tl.zeros((BLOCK_G, BLOCK_DV), dtype=tl.float32)
+    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    end = tl.minimum((i_s + 1) * SPLIT, num_valid)
+    for start_n in range(i_s * SPLIT, end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, start_n, end, k_ptr + i_kv * stride_k_h, v_ptr + i_kv * stride_v_h,
+            stride_k_s, stride_v_s, scale_log2, None, None, 0, 0,
+            False, False, DQ, DV, BLOCK_DQ, BLOCK_DV, BLOCK_N, IEEE,
+        )  # fmt: skip
+    part = heads * num_splits + i_s
+    tl.store(m_part_ptr + part, m_i, mask=mask_g)
+    tl.store(l_part_ptr + part, l_i, mask=mask_g)
+    tl.store(acc_part_ptr + part[:, None] * DV + offs_dv[None, :], acc,
+             mask=mask_g[:, None] & (offs_dv < DV)[None, :])  # fmt: skip
+
+
+@triton.jit
+def _attention_decode_combine_kernel(
+    m_part_ptr, l_part_ptr, acc_part_ptr, out_ptr,  # pointers
+    num_splits,  # sizes
+    DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,  # meta
+):  # fmt: skip
+    """Merges one query head's partial softmaxes (splits with no valid key carry m = -inf, l = 0)."""
+    i_h = tl.program_id(0)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_s = offs_s < num_splits
+    m = tl.load(m_part_ptr + i_h * num_splits + offs_s, mask=mask_s, other=float("-inf"))
+    l = tl.load(l_part_ptr + i_h * num_splits + offs_s, mask=mask_s, other=0.0)
+    acc = tl.load(acc_part_ptr + (i_h * num_splits + offs_s)[:, None] * DV + offs_dv[None, :],
+                  mask=mask_s[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
+    m_max = tl.max(m, axis=0)
+    w = tl.where(mask_s & (m > float("-inf")), tl.exp2(m - m_max), 0.0)
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
+    tl.store(out_ptr + i_h * DV + offs_dv, out.to(out_ptr.dtype.element_ty), mask=offs_dv < DV)
+
+
+def _dot_width(n: int) -> int:
+    """tl.dot wants power-of-two tile sides of at least 16."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def attention_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    window: int | None,
+    num_meta: int,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal (window=None) or sliding-window + meta-token attention of T queries over S keys.
+
+    q: (T, H, dq)   k: (Hk, S, dq)   v: (Hk, S, dv)   q_pos: (T,) int64   k_pos: (S,) int64, ascending
+    returns out: (T, H, dv) in q.dtype (written into `out` if given)
+    """
+    T, H, dq = q.shape
+    Hk, S, dv = v.shape
+    assert k.shape == (Hk, S, dq) and H % Hk == 0, f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1, "head dims must be contiguous"
+    assert q_pos.dtype == k_pos.dtype == torch.int64 and q_pos.is_contiguous() and k_pos.is_contiguous()
+    out = torch.empty(T, H, dv, dtype=q.dtype, device=q.device) if out is None else out
+    assert out.shape == (T, H, dv) and out.stride(2) == 1
+    grid = (triton.cdiv(T, PREFILL_BLOCK_M), H)
+    _attention_prefill_kernel[grid](
+        q, k, v, q_pos, k_pos, out,
+        T, S, num_meta, 0 if window is None else window, LOG2_E / math.sqrt(dq),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        GROUP=H // Hk, IS_SLIDING=window is not None, DQ=dq, DV=dv, BLOCK_DQ=_dot_width(dq), BLOCK_DV=_dot_width(dv),
+        BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, SEARCH_BLOCK=_dot_width(math.isqrt(max(S - 1, 1)) + 1),
+        IEEE=q.dtype == torch.float32, num_warps=PREFILL_NUM_WARPS, num_stages=PREFILL_NUM_STAGES,
+    )  # fmt: skip
+    return out
+
+
+def attention_decode(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    num_valid: torch.Tensor | int,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query over the first num_valid slots of a KV buffer (slot order does not matter: keys carry RoPE).
+
+    q: (H, dq)   k_buf: (Hk, capacity, dq)   v_buf: (Hk, capacity, dv)   num_valid: int or 0-d int tensor (read on
+    the device, never synchronised: the launch can be captured in a CUDA graph)
+    returns out: (H, dv) in q.dtype (written into `out` if given)
+    """
+    H, dq = q.shape
+    Hk, capacity, dv = v_buf.shape
+    assert k_buf.shape == (Hk, capacity, dq) and H % Hk == 0, f"q {tuple(q.shape)}, k_buf {tuple(k_buf.shape)}"
+    assert q.is_contiguous() and k_buf.stride(2) == 1 and v_buf.stride(2) == 1, "head dims must be contiguous"
+    in_memory = isinstance(num_valid, torch.Tensor)
+    num_splits = triton.cdiv(capacity, DECODE_SPLIT)
+    m_part = torch.empty(H, num_splits, dtype=torch.float32, device=q.device)
+    l_part = torch.empty(H, num_splits, dtype=torch.float32, device=q.device)
+    acc_part = torch.empty(H, num_splits, dv, dtype=torch.float32, device=q.device)
+    out = torch.empty(H, dv, dtype=q.dtype, device=q.device) if out is None else out
+    assert out.shape == (H, dv) and out.is_contiguous()
+    _attention_decode_split_kernel[(Hk, num_splits)](
+        q, k_buf, v_buf, num_valid if in_memory else None, m_part, l_part, acc_part,
+        0 if in_memory else num_valid, num_splits, LOG2_E / math.sqrt(dq),
+        k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+        GROUP=H // Hk, DQ=dq, DV=dv, NUM_VALID_IN_MEMORY=in_memory, BLOCK_G=_dot_width(H // Hk),
+        BLOCK_DQ=_dot_width(dq), BLOCK_DV=_dot_width(dv), BLOCK_N=DECODE_BLOCK_N, SPLIT=DECODE_SPLIT,
+        IEEE=q.dtype == torch.float32,
+    )  # fmt: skip
+    _attention_decode_combine_kernel[(H,)](
+        m_part, l_part, acc_part, out, num_splits, DV=dv, BLOCK_S=triton.next_power_of_2(num_splits),
+        BLOCK_DV=_dot_width(dv),
+    )  # fmt: skip
+    return out
 
 
 def attention_prefill_ref(
@@ -24,18 +281,16 @@ def attention_prefill_ref(
     k_pos: torch.Tensor,
     window: int | None,
     num_meta: int,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal (window=None) or sliding-window + meta-token attention of T queries over S keys.
-
-    q: (T, H, dq)   k: (Hk, S, dq)   v: (Hk, S, dv)   q_pos: (T,) int64   k_pos: (S,) int64, ascending
-    returns out: (T, H, dv) in q.dtype
-    """
+    """Same contract as attention_prefill: scores materialised block by block, masked, softmaxed in fp32."""
     T, H, dq = q.shape
     Hk, S, dv = v.shape
     g = H // Hk
     qf = q.float().transpose(0, 1).reshape(Hk, g, T, dq)  # query head h = kv * g + j
     kf, vf = k.float(), v.float()
-    out = torch.empty(Hk, g, T, dv, dtype=torch.float32, device=q.device)
+    o = torch.empty(Hk, g, T, dv, dtype=torch.float32, device=q.device)
     block = max(1, _MAX_SCORE_ELEMENTS // (H * S))
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
@@ -46,22 +301,25 @@ def attention_prefill_ref(
         qb = qf[:, :, t0:t1]  # (Hk, g, t, dq)
         scores = torch.einsum("hgtd,hsd->hgts", qb, kf) / math.sqrt(dq)
         scores.masked_fill_(~visible, float("-inf"))
-        out[:, :, t0:t1] = torch.einsum("hgts,hsd->hgtd", torch.softmax(scores, dim=-1), vf)
-    return out.reshape(H, T, dv).transpose(0, 1).to(q.dtype)
+        o[:, :, t0:t1] = torch.einsum("hgts,hsd->hgtd", torch.softmax(scores, dim=-1), vf)
+    result = o.reshape(H, T, dv).transpose(0, 1).to(q.dtype)
+    return result if out is None else out.copy_(result)
 
 
 def attention_decode_ref(
-    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, num_valid: torch.Tensor | int
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    num_valid: torch.Tensor | int,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One query over the first num_valid slots of a KV buffer (slot order does not matter: keys carry RoPE).
-
-    q: (H, dq)   k_buf: (Hk, capacity, dq)   v_buf: (Hk, capacity, dv)   num_valid: int or 0-d int tensor
-    returns out: (H, dv) in q.dtype
-    """
+    """Same contract as attention_decode (but int(num_valid) synchronises with the device)."""
     H, dq = q.shape
     Hk = k_buf.shape[0]
     n = int(num_valid)
     k, v = k_buf[:, :n].float(), v_buf[:, :n].float()  # (Hk, n, d)
     scores = torch.einsum("hgd,hsd->hgs", q.float().view(Hk, H // Hk, dq), k) / math.sqrt(dq)
-    out = torch.einsum("hgs,hsd->hgd", torch.softmax(scores, dim=-1), v)  # (Hk, g, dv)
-    return out.reshape(H, -1).to(q.dtype)
+    o = torch.einsum("hgs,hsd->hgd", torch.softmax(scores, dim=-1), v)  # (Hk, g, dv)
+    result = o.reshape(H, -1).to(q.dtype)
+    return result if out is None else out.copy_(result)

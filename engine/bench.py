@@ -1,0 +1,300 @@
+"""python -m engine.bench: prefill and decode timings of the real Hymba-1.5B shape with random weights (no download).
+
+One run measures, on the current device: the copy bandwidth and matmul rate (the two ceilings); time to first token
+for several prompt lengths and decode tokens/s at several contexts, for the Triton path and the PyTorch twins side by
+side (each a median of runs with its min-max); weight, state and peak memory bytes; the decode roofline (weight bytes
+/ copy bandwidth); and each kernel at its real size against its bytes or FLOPs floor. --json writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import kernels
+from engine.config import HymbaConfig
+from engine.model import HymbaForCausalLM
+from engine.state import DecodeState
+from engine.weights import _FP32_SUFFIXES, expected_shapes
+
+# spec sections 2-3: Hymba-1.5B-Base
+HYMBA_1_5B = {
+    "model_type": "hymba", "vocab_size": 32001, "hidden_size": 1600, "intermediate_size": 5504,
+    "num_hidden_layers": 32, "num_attention_heads": 25, "num_key_value_heads": 5, "attn_hidden_size": -1,
+    "kq_head_dim": -1, "v_head_dim": 128, "kq_norm": "none", "rope": True, "rope_type": "ntk", "rope_theta": 10000.0,
+    "max_position_embeddings": 8192, "orig_max_position_embeddings": 2048, "num_memory_tokens": 128,
+    "memory_tokens_interspersed_every": 0, "sliding_window": 1024, "global_attn_idx": [0, 15, 31],
+    "kv_reuse_group": [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10], [11, 12], [13, 14], [16, 17, 18], [19, 20],
+                       [21, 22], [23, 24], [25, 26], [27, 28], [29, 30]],
+    "kv_reuse_every_i_layer": -1, "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": 100,
+    "mamba_conv_bias": True, "mamba_proj_bias": False, "mamba_inner_layernorms": True, "hidden_act": "silu",
+    "mlp_hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "num_experts": 1,
+    "num_experts_per_tok": 1, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "bfloat16",
+}  # fmt: skip
+DECODE_STEPS = 16  # tokens per timed decode run
+
+
+def random_weights(config: HymbaConfig, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Trained-looking magnitudes: norms ~1, A_log = log(1..N), softplus(dt bias) in [0.005, 0.3], 0.02 matrices."""
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(shape, std):
+        return std * torch.randn(shape, generator=g, device=device)
+
+    tensors = {}
+    for name, shape in expected_shapes(config).items():
+        if name.endswith("A_log.0"):
+            t = torch.log(torch.arange(1, shape[1] + 1, device=device).float()).expand(shape).clone()
+        elif name.endswith("D.0"):
+            t = torch.ones(shape, device=device)
+        elif name.endswith("dt_proj.0.bias"):
+            t = torch.log(torch.expm1(0.005 + 0.295 * torch.rand(shape, generator=g, device=device)))
+        elif name.endswith("conv1d.weight"):
+            t = randn(shape, 0.5)
+        elif len(shape) == 1 and not name.endswith("bias"):  # RMSNorm weights
+            t = 1 + randn(shape, 0.02)
+        else:
+            t = randn(shape, 0.02)
+        tensors[name] = t.float() if name.endswith(_FP32_SUFFIXES) else t.to(dtype)
+    return tensors
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def device_seconds(fn, reps: int = 20) -> float:
+    """Median device time of fn() between CUDA events, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def ceilings(device: torch.device) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting bytes read + written, bf16 matmul rate in FLOP/s), both measured."""
+    src = torch.randn(256 << 20, device=device)  # 1 GiB, far past L2
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() * 4 / device_seconds(lambda: dst.copy_(src), reps=10)
+    a, b = torch.randn(2, 8192, 8192, device=device, dtype=torch.bfloat16)
+    rate = 2 * 8192**3 / device_seconds(lambda: a @ b, reps=10)
+    return bandwidth, rate
+
+
+def time_prefill(model: HymbaForCausalLM, state: DecodeState, num_tokens: int, runs: int) -> list[float]:
+    """Seconds from the prompt's submission to its first token on the host; the first run is a warm-up."""
+    ids = torch.randint(3, model.config.vocab_size, (num_tokens,), device=state.ssm.device)
+    times = []
+    for _ in range(runs + 1):
+        state.reset()
+        sync(state.ssm.device)
+        t0 = time.perf_counter()
+        int(model.prefill(ids, state).argmax())
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def time_decode(model: HymbaForCausalLM, state: DecodeState, context: int, runs: int) -> list[float]:
+    """Tokens/s of runs of DECODE_STEPS greedy steps after a prompt of `context` tokens (3 warm-up steps)."""
+    device = state.ssm.device
+    state.reset()
+    token = model.prefill(torch.randint(3, model.config.vocab_size, (context,), device=device), state).argmax()
+    for _ in range(3):
+        token = model.decode(token, state).argmax()
+    rates = []
+    for _ in range(runs):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(DECODE_STEPS):
+            token = model.decode(token, state).argmax()
+        int(token)
+        rates.append(DECODE_STEPS / (time.perf_counter() - t0))
+    return rates
+
+
+def kernel_rows(device: torch.device, dtype: torch.dtype, bandwidth: float, matmul_rate: float) -> list[dict]:
+    """Each kernel at the real size of one 2048-token prefill chunk or one decode step, in the model's dtypes
+    (fp32 activations, bf16 q/k/v and B/C), Triton against its twin, with its floor: bytes / copy bandwidth or
+    matmul FLOPs / matmul rate, whichever is larger."""
+    attention, causal_conv1d, rms_norm, selective_scan, ssm_update = (
+        importlib.import_module(f"kernels.{name}")  # the modules: kernels.<name> itself is the dispatching op
+        for name in ("attention", "causal_conv1d", "rms_norm", "selective_scan", "ssm_update")
+    )
+
+    T, d, N, K, H, Hk, dq, dv, M, W = 2048, 3200, 16, 4, 25, 5, 64, 128, 128, 1024
+    f32 = dict(device=device, dtype=torch.float32)
+    act = dict(device=device, dtype=dtype)
+    A = -torch.arange(1, N + 1, **f32).expand(d, N).contiguous()
+    dt_bias = torch.full((d,), -2.0, **f32)
+    scan_args = (torch.randn(T, d, **f32), torch.randn(T, d, **f32), A, torch.randn(T, N, **act),
+                 torch.randn(T, N, **act), torch.ones(d, **f32), torch.randn(T, d, **f32), dt_bias)  # fmt: skip
+    state = torch.zeros(d, N, **f32)
+    conv = (torch.randn(T, d, **f32), torch.randn(d, K, **f32), torch.randn(d, **f32), torch.zeros(d, K - 1, **f32))
+    step = [a[0] if a.shape[0] == T else a for a in scan_args]
+    x_norm, y_norm, w_norm = torch.randn(T, d, **f32), torch.randn(T, d, **f32), torch.ones(d, **act)
+
+    def attention_8k(window):  # the four 2048-token chunks of an 8192-token prompt after the meta tokens
+        calls = []
+        for start in range(M, M + 8192, T):
+            lo = M if window is None else max(M, start - window)
+            k_pos = torch.cat([torch.arange(M), torch.arange(lo, start + T)]).to(device)
+            q, S = torch.randn(T, H, dq, **act), k_pos.numel()
+            pairs = sum(min(s + 1, M + min(s - M, window) + 1) if window else s + 1 for s in range(start, start + T))
+            calls.append(((q, torch.randn(Hk, S, dq, **act), torch.randn(Hk, S, dv, **act),
+                           torch.arange(start, start + T, device=device), k_pos, window, M), pairs))  # fmt: skip
+        flops = sum(2 * H * (dq + dv) * pairs for _, pairs in calls)
+        return calls, flops
+
+    def run_all(fn, calls):
+        return lambda: [fn(*args) for args, _ in calls]
+
+    global_calls, global_flops = attention_8k(None)
+    swa_calls, swa_flops = attention_8k(W)
+    kv = {cap: (torch.randn(H, dq, **act), torch.randn(Hk, cap, dq, **act), torch.randn(Hk, cap, dv, **act),
+                torch.tensor(cap, device=device)) for cap in (M + W, M + 8192)}  # fmt: skip
+    size = torch.finfo(dtype).bits // 8
+    scan_bytes = (4 * T * d + 2 * d * N) * 4 + 2 * T * N * size  # u, dt, z, out + state in/out, fp32; B, C
+    # (name, triton call, twin call, floor bytes, floor matmul FLOPs)
+    cases = [
+        ("selective_scan T=2048", lambda: selective_scan.selective_scan(*scan_args, state),
+         lambda: selective_scan.selective_scan_ref(*scan_args, state), scan_bytes, 0),
+        ("causal_conv1d T=2048", lambda: causal_conv1d.causal_conv1d(*conv),
+         lambda: causal_conv1d.causal_conv1d_ref(*conv), 2 * T * d * 4, 0),
+        ("rms_norm 2048x3200", lambda: rms_norm.rms_norm(x_norm, w_norm, 1e-6),
+         lambda: rms_norm.rms_norm_ref(x_norm, w_norm, 1e-6), T * d * (4 + size), 0),
+        ("rms_norm_average 2048x3200", lambda: rms_norm.rms_norm_average(x_norm, y_norm, w_norm, w_norm, 1e-6),
+         lambda: rms_norm.rms_norm_average_ref(x_norm, y_norm, w_norm, w_norm, 1e-6), 3 * T * d * 4, 0),
+        ("attention_prefill global, 8k prompt", run_all(attention.attention_prefill, global_calls),
+         run_all(attention.attention_prefill_ref, global_calls), 0, global_flops),
+        ("attention_prefill sliding, 8k prompt", run_all(attention.attention_prefill, swa_calls),
+         run_all(attention.attention_prefill_ref, swa_calls), 0, swa_flops),
+        ("ssm_update", lambda: ssm_update.ssm_update(state, *step), lambda: ssm_update.ssm_update_ref(state, *step),
+         3 * d * N * 4, 0),
+        ("causal_conv1d_update", lambda: causal_conv1d.causal_conv1d_update(conv[0][0], *conv[1:]),
+         lambda: causal_conv1d.causal_conv1d_update_ref(conv[0][0], *conv[1:]), (2 * (K - 1) + K) * d * 4, 0),
+    ]  # fmt: skip
+    for cap, (q, k_buf, v_buf, n) in kv.items():
+        cases.append((f"attention_decode {cap} slots", lambda a=(q, k_buf, v_buf, n): attention.attention_decode(*a),
+                      lambda a=(q, k_buf, v_buf, n): attention.attention_decode_ref(*a), Hk * cap * (dq + dv) * size,
+                      0))  # fmt: skip
+    rows = []
+    for name, tri, ref, num_bytes, flops in cases:
+        floor = max(num_bytes / bandwidth, flops / matmul_rate)
+        triton_s, twin_s = device_seconds(tri), device_seconds(ref, reps=5)
+        rows.append({"kernel": name, "bytes": num_bytes, "flops": flops, "floor_s": floor, "triton_s": triton_s,
+                     "twin_s": twin_s, "fraction_of_floor": floor / triton_s})  # fmt: skip
+    return rows
+
+
+def bench_path(model, state, args, use_triton: bool) -> dict:
+    """Every prefill and decode measure through one path; each is printed as soon as it is taken."""
+    kernels.use_triton(use_triton)
+    torch.cuda.reset_peak_memory_stats()
+    name, runs = ("triton", args.runs) if use_triton else ("twins", max(3, args.runs // 2))
+    prefill, decode = {}, {}
+    for n in args.prompt_lengths:
+        prefill[n] = summary(time_prefill(model, state, n, runs))
+        print(f"{name}: TTFT {n} tokens {prefill[n]['median'] * 1e3:.1f} ms", flush=True)
+    for c in args.contexts:
+        decode[c] = summary(time_decode(model, state, c, runs))
+        print(f"{name}: decode at {c} tokens {decode[c]['median']:.1f} tokens/s", flush=True)
+    return {"prefill_s": prefill, "decode_tokens_per_s": decode, "peak_memory_bytes": torch.cuda.max_memory_allocated()}
+
+
+def print_report(result: dict) -> None:
+    paths = result["paths"]
+
+    def cell(s, scale, fmt):
+        return f"{fmt.format(s['median'] * scale)} ({fmt.format(s['min'] * scale)}-{fmt.format(s['max'] * scale)})"
+
+    print(f"\n{result['device']}, {result['dtype']}; copy {result['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s "
+          f"(read + written), bf16 matmul {result['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")  # fmt: skip
+
+    def row(label, cells):
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+    row("measure", paths)
+    row("---", ["---"] * len(paths))
+    for n in result["prompt_lengths"]:
+        row(f"TTFT, {n}-token prompt (ms)", [cell(p["prefill_s"][n], 1e3, "{:.1f}") for p in paths.values()])
+    for c in result["contexts"]:
+        row(
+            f"decode at {c} tokens (tokens/s)", [cell(p["decode_tokens_per_s"][c], 1, "{:.0f}") for p in paths.values()]
+        )
+    row("peak GPU memory (GB)", [f"{p['peak_memory_bytes'] / 1e9:.2f}" for p in paths.values()])
+    roofline = result["decode_roofline_tokens_per_s"]
+    print(f"\nweights {result['weight_bytes'] / 1e9:.3f} GB; state {result['state_bytes'] / 1e6:.1f} MB "
+          f"(meta + {result['max_model_len']} tokens); decode roofline {roofline:.0f} tokens/s "
+          f"(weight bytes / copy bandwidth)")  # fmt: skip
+    for name, p in paths.items():
+        fractions = ", ".join(
+            f"{c}: {p['decode_tokens_per_s'][c]['median'] / roofline:.1%}" for c in result["contexts"]
+        )
+        print(f"  {name}: fraction of the decode roofline reached {fractions}")
+    if result["kernels"]:
+        print("\n| kernel | floor (us) | Triton (us) | fraction of floor | twin (us) |\n|---|---|---|---|---|")
+        for r in result["kernels"]:
+            print(f"| {r['kernel']} | {r['floor_s'] * 1e6:.1f} | {r['triton_s'] * 1e6:.1f} | "
+                  f"{r['fraction_of_floor']:.1%} | {r['twin_s'] * 1e6:.1f} |")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="a config.json to build instead of Hymba-1.5B")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    parser.add_argument("--prompt-lengths", type=ints, default=[128, 1024, 4096, 8192])
+    parser.add_argument("--contexts", type=ints, default=[128, 1024, 8192])
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per measure (the twins get half, at least 3)")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the per-kernel table")
+    parser.add_argument("--json", type=Path, help="write every number here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("engine.bench needs a CUDA device (it times the Triton path against the twins)", file=sys.stderr)
+        return 2
+
+    device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
+    config = HymbaConfig.from_json(args.config) if args.config else HymbaConfig.from_dict(HYMBA_1_5B, "Hymba-1.5B")
+    bandwidth, matmul_rate = ceilings(device)
+    tensors = random_weights(config, device, dtype)
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    max_model_len = max(*args.prompt_lengths, *(c + 3 + DECODE_STEPS * args.runs for c in args.contexts))
+    model = HymbaForCausalLM.from_tensors(config, tensors, config.num_memory_tokens + max_model_len)
+    state = DecodeState(config, max_model_len, device, dtype)
+    model.prefill_meta_tokens(state)
+
+    result = {
+        "device": torch.cuda.get_device_name(device), "dtype": args.dtype, "config": str(args.config or "Hymba-1.5B"),
+        "copy_bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": matmul_rate, "weight_bytes": weight_bytes,
+        "state_bytes": state.nbytes, "max_model_len": max_model_len, "prompt_lengths": args.prompt_lengths,
+        "contexts": args.contexts, "decode_roofline_tokens_per_s": bandwidth / weight_bytes,
+        "paths": {"triton": bench_path(model, state, args, True), "twins": bench_path(model, state, args, False)},
+        "kernels": [] if args.no_kernels else kernel_rows(device, dtype, bandwidth, matmul_rate),
+    }  # fmt: skip
+    kernels.use_triton(True)
+    print_report(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""kernels/selective_scan.py: the Triton prefill scan against its twin, and against T decode steps (ssm_update)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.selective_scan import selective_scan, selective_scan_ref
+from kernels.ssm_update import ssm_update
+from tests.conftest import assert_close, nan_empty
+
+# the interpreter itself warns on loops with run-time bounds (numpy >= 1.25)
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+
+def make_scan_inputs(T: int, d: int, N: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """Laid out as the model hands them over: z a column slice of in_proj's output, B and C slices of x_proj's."""
+    in_proj = torch.randn(T, 3 * d, device=device, dtype=dtype)  # ... | x | z: z's rows are strided
+    x_proj = torch.randn(T, 5 + 2 * N, device=device, dtype=dtype)  # dt_in | B | C
+    delta0 = torch.empty(d, device=device).uniform_(0.005, 0.3)
+    return {
+        "u": torch.randn(T, d, device=device, dtype=dtype),
+        "dt": (0.5 * torch.randn(T, d, device=device)).to(dtype),
+        "A": -torch.arange(1, N + 1, device=device).float() * torch.exp(0.1 * torch.randn(d, N, device=device)),
+        "B": x_proj[:, 5 : 5 + N],
+        "C": x_proj[:, 5 + N :],
+        "D": torch.randn(d, device=device),
+        "z": in_proj[:, 2 * d :],
+        "dt_bias": torch.log(torch.expm1(delta0)),  # inverse softplus: softplus(dt_bias) in [0.005, 0.3]
+        "ssm_state": torch.randn(d, N, device=device),
+    }
+
+
+def check_scan(T: int, d: int, N: int, dtype: torch.dtype, device) -> None:
+    inputs = make_scan_inputs(T, d, N, dtype, device)
+    ref_inputs = {**inputs, "ssm_state": inputs["ssm_state"].clone()}
+    out = selective_scan(**inputs, out=nan_empty(T, d, dtype=dtype, device=device))
+    ref = selective_scan_ref(**ref_inputs)
+    assert_close("out", out, ref, dtype)
+    assert_close("ssm_state", inputs["ssm_state"], ref_inputs["ssm_state"], torch.float32)
+
+
+# 1: a single token; 37, 12: not multiples of CHUNK_T / BLOCK_D; N = 6: not a power of two
+@pytest.mark.parametrize("T, d, N", [(1, 8, 4), (37, 12, 6), (32, 8, 16)], ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_selective_scan_matches_ref(T, d, N, dtype, device, seed):
+    check_scan(T, d, N, dtype, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [2048, 1000, 1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_selective_scan_matches_ref_at_real_size(T, dtype, device, seed):
+    check_scan(T, 3200, 16, dtype, device)
+
+
+def test_prefill_scan_equals_decode_steps(device, seed):
+    """Scanning T tokens leaves the same state, and gives the same outputs, as T one-token decode steps."""
+    T, d, N = 40, 12, 6  # two chunks of CHUNK_T, the second one partial
+    inputs = make_scan_inputs(T, d, N, torch.float32, device)
+    state = inputs["ssm_state"].clone()
+    out = selective_scan(**inputs)
+    steps = [
+        ssm_update(state, inputs["u"][t], inputs["dt"][t], inputs["A"], inputs["B"][t], inputs["C"][t],
+                   inputs["D"], inputs["z"][t], inputs["dt_bias"])
+        for t in range(T)
+    ]  # fmt: skip
+    assert_close("out", out, torch.stack(steps), torch.float32)
+    assert_close("ssm_state", inputs["ssm_state"], state, torch.float32)
