@@ -45,7 +45,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # below 1e-5 a temperature can round to 0 in fp32 and turn the row into NaN: treat it as greedy
+        return self.temperature < 1e-5 or self.top_k == 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,10 +91,10 @@ class Engine:
         except torch.cuda.OutOfMemoryError as e:
             torch.cuda.empty_cache()
             raise EngineError(f"out of GPU memory during generation ({e})") from None
-        except RuntimeError as e:
-            if isinstance(e, EngineError):
-                raise
-            raise EngineError(f"generation failed: {e}") from e
+        except EngineError:
+            raise
+        except Exception as e:  # anything else inside the loop is the engine's failure, never the request's
+            raise EngineError(f"generation failed: {type(e).__name__}: {e}") from e
 
     def _check_prompt(self, prompt: tuple[int, ...]) -> None:
         if not prompt:

@@ -129,7 +129,8 @@ def apply_repetition_penalty(logits: torch.Tensor, is_seen: torch.Tensor, penalt
     logits: (V,) fp32    is_seen: (V,) bool    returns a new (V,) fp32
     """
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(is_seen, penalized, logits)
+    finite = torch.finfo(torch.float32).max  # a tiny penalty must not overflow a logit to +inf (NaN after softmax)
+    return torch.where(is_seen, penalized.clamp(-finite, finite), logits)
 
 
 def apply_presence_frequency(

@@ -107,12 +107,16 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not add_special_tokens or self.add_bos_token is None:
-            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+            return self._ids(text, add_special_tokens)
         # HF's LlamaTokenizerFast rebuilds the post-processor from these flags; same ids, built by hand.
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = self._ids(text, add_special_tokens=False)
         bos = [self.bos_token_id] if self.add_bos_token else []
         eos = [self.eos_token_id] if self.add_eos_token else []
         return bos + ids + eos
+
+    def _ids(self, text: str, add_special_tokens: bool) -> list[int]:
+        # encode_batch releases the GIL (encode does not): a megabyte prompt must not stall the server's threads
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -2,6 +2,7 @@
 
 A bad flag or a checkpoint that cannot be loaded ends with one line on stderr and exit status 2. SIGTERM drains:
 new requests get 503, admitted ones get up to --shutdown-timeout to finish, then the rest are cancelled; exit 0.
+A second SIGTERM cancels the rest at once.
 """
 
 from __future__ import annotations
@@ -27,19 +28,28 @@ log = logging.getLogger("hymba.main")
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, except that the first SIGTERM drains the queue before the usual shutdown begins."""
+    """uvicorn, except that the first SIGTERM drains the queue before the usual shutdown begins, and a second one
+    cuts the drain short: what still runs is cancelled at once (each stream ends with an error event and [DONE])."""
 
-    def __init__(self, config: uvicorn.Config, drain) -> None:
+    def __init__(self, config: uvicorn.Config, drain, cancel_all) -> None:
         super().__init__(config)
         self._drain = drain
+        self._cancel_all = cancel_all
         self._drain_task: asyncio.Task | None = None
+        self._cancel_task: asyncio.Task | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and self._drain_task is None and self.started:
-            # Runs in the main thread between bytecodes of the loop: schedule, don't await.
-            asyncio.get_running_loop().call_soon_threadsafe(self._start_drain)
+        if sig == signal.SIGTERM and self.started:
+            # Runs in the main thread between bytecodes of the loop: schedule, don't await. Not passed on to
+            # uvicorn, which would re-raise the signal at exit and so end the process with -15 instead of 0.
+            next_step = self._start_drain if self._drain_task is None else self._cut_drain_short
+            asyncio.get_running_loop().call_soon_threadsafe(next_step)
             return
         super().handle_exit(sig, frame)
+
+    def _cut_drain_short(self) -> None:
+        log.info("second SIGTERM: cancelling what is still running")
+        self._cancel_task = asyncio.ensure_future(self._cancel_all())  # the drain then finds the queue idle
 
     def _start_drain(self) -> None:
         async def drain_then_exit() -> None:
@@ -47,6 +57,24 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
         self._drain_task = asyncio.ensure_future(drain_then_exit())
+
+
+class NoQueryStrings(logging.Filter):
+    """uvicorn's log lines without query strings: the API takes none, and a client that puts its key in the URL must
+    not find it in our logs. (The Authorization header is never logged: uvicorn's trace level hides headers.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_without_query(arg) for arg in record.args)
+        return True
+
+
+def _without_query(arg: object) -> object:
+    if isinstance(arg, dict) and "query_string" in arg:  # an ASGI scope, as --log-level trace prints it
+        return {**arg, "query_string": b"<...>"}
+    if isinstance(arg, str) and arg.startswith("/") and "?" in arg:  # the path an access-log line prints
+        return arg.split("?", 1)[0]
+    return arg
 
 
 def load_engines(settings: Settings) -> list[Engine]:
@@ -65,7 +93,9 @@ def serve(settings: Settings, engines: Sequence[Engine]) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=5,  # the drain already waited; this only bounds closing the connections
     )
-    server = DrainingServer(config, drain=lambda: queue.drain(settings.shutdown_timeout))
+    for name in ("uvicorn.access", "uvicorn.asgi"):  # after Config, which sets up uvicorn's logging
+        logging.getLogger(name).addFilter(NoQueryStrings())
+    server = DrainingServer(config, drain=lambda: queue.drain(settings.shutdown_timeout), cancel_all=queue.stop)
     sock = config.bind_socket()
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (model %s)", host, port, app.state.ctx.model_name)

@@ -53,7 +53,7 @@ def build_app(settings: Settings, engines: Sequence[Engine]) -> FastAPI:
     needs_key = [Depends(require_api_key)]
     app.include_router(routes.v1, dependencies=needs_key)
     app.include_router(routes.utility, dependencies=needs_key)
-    app.include_router(routes.public)
+    app.include_router(routes.public, dependencies=needs_key)  # unless listed in --public-routes (the default)
 
     app.add_exception_handler(errors.APIError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
@@ -71,8 +71,9 @@ def build_app(settings: Settings, engines: Sequence[Engine]) -> FastAPI:
 
 
 def require_api_key(request: Request) -> None:
-    key = request.app.state.ctx.settings.api_key
-    if key is None:
+    settings = request.app.state.ctx.settings
+    key = settings.api_key
+    if key is None or request.scope["route"].path in settings.public_routes:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
@@ -99,9 +100,11 @@ async def _on_validation_error(request: Request, e: RequestValidationError) -> J
         other_loc = list(other.get("loc", ()))
         if other_loc[:2] == loc[:2]:
             loc = [a for a, _ in itertools.takewhile(lambda ab: ab[0] == ab[1], zip(loc, other_loc, strict=False))]
+    if first.get("type") == "lone_surrogate":  # raised by the object holding the string, which names its path
+        loc = [*loc, *first["ctx"]["path"]]
     loc = [part for part in loc if part != "body"]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
-    message = first.get("msg", "Invalid request.")
+    message = _union_message([other for other in found if other.get("loc", ())[:2] == first.get("loc", ())[:2]])
     if first.get("type") == "json_invalid":
         param, message = None, f"The body is not valid JSON: {first.get('ctx', {}).get('error', message)}"
     elif param:
@@ -109,7 +112,20 @@ async def _on_validation_error(request: Request, e: RequestValidationError) -> J
     return await _on_api_error(request, errors.invalid_request(message, param=param))
 
 
+def _union_message(members: list[dict]) -> str:
+    """One message for a field's errors: the member of a union whose type matched says what is wrong (stop: too many
+    strings); when none matched, the types it could have been."""
+    specific = [m["msg"] for m in members if not m.get("type", "").endswith(("_type", "_parsing"))]
+    if specific or len(members) == 1:
+        return (specific or [members[0]["msg"]])[0]
+    kinds = dict.fromkeys(m["msg"].removeprefix("Input should be ").split(",")[0] for m in members)
+    return "Input should be " + " or ".join(kinds)
+
+
 async def _on_http_error(request: Request, e: HTTPException) -> JSONResponse:
+    if e.status_code == 400 and e.__cause__ is not None:  # FastAPI could not read the body: say why
+        reason = str(e.__cause__).splitlines()[0] if str(e.__cause__) else type(e.__cause__).__name__
+        return await _on_api_error(request, errors.invalid_request(f"The body is not valid JSON: {reason}"))
     if e.status_code == 404:
         api_error = errors.not_found(f"No route {request.method} {request.url.path}.")
     elif e.status_code == 405:
@@ -121,7 +137,11 @@ async def _on_http_error(request: Request, e: HTTPException) -> JSONResponse:
 
 async def _on_unexpected_error(request: Request, e: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=e)
-    return await _on_api_error(request, errors.internal("The server failed to handle the request."))
+    # Starlette re-raises after this response and uvicorn then closes the connection: say so, or the client sends
+    # its next request on a connection about to close, and that request is reset.
+    error = errors.internal("The server failed to handle the request.")
+    error.headers["Connection"] = "close"
+    return await _on_api_error(request, error)
 
 
 class BodyLimit:

@@ -1,16 +1,18 @@
 """Pydantic models of the OpenAI requests we accept, and the one place each becomes SamplingParams.
 
 Fields follow the OpenAI API reference order; our extensions (vLLM's names) come after
-`# --- extensions ---`. Unknown fields are ignored and logged at debug. Response objects are in
-server/responses.py.
+`# --- extensions ---`. Unknown fields are ignored and logged at debug. Every number must be finite and every
+string valid Unicode (Python's JSON reader accepts NaN and lone surrogates). Responses are in server/responses.py.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from engine.api import MAX_LOGPROBS, SamplingParams
 from server import errors
@@ -28,16 +30,43 @@ TopK = Annotated[int, Field(ge=-1)]  # -1 (vLLM) and 0 both mean off
 MinP = Annotated[float, Field(ge=0, le=1)]
 Positive = Annotated[int, Field(ge=1)]
 NumLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # OpenAI's int64; torch seeds take 64 bits
+RepetitionPenalty = Annotated[float, Field(ge=0.01)]  # seen tokens' logits are divided by it: tinier overflows fp32
+GREEDY_BELOW = 1e-5  # a temperature under this samples as greedy (vLLM's epsilon); logits / 1e-38 overflow fp32
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     @model_validator(mode="after")
-    def _log_unknown_fields(self) -> OpenAIModel:
+    def _check_text_and_log_unknown_fields(self) -> OpenAIModel:
+        for name, value in self:  # fields and unknown fields; nested models have checked their own
+            if _SURROGATE.search(name):  # an unknown field's name: report the object that holds it
+                path: tuple[str | int, ...] = ()
+            elif (inside := _lone_surrogate(value)) is not None:
+                path = (name, *inside)
+            else:
+                continue
+            message = "Input should be valid Unicode text, without lone surrogates"
+            raise PydanticCustomError("lone_surrogate", message, {"path": path})
         if self.model_extra:
             log.debug("%s: ignoring unknown fields %s", type(self).__name__, sorted(self.model_extra))
         return self
+
+
+def _lone_surrogate(value: Any) -> tuple[str | int, ...] | None:
+    """Where in a plain value (str, list, dict) a string holds a lone UTF-16 surrogate, which cannot be tokenized or
+    sent back as UTF-8; None if nowhere. A dict key that holds one is reported as its dict."""
+    if isinstance(value, str):
+        return () if _SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return ()
+        if (where := _lone_surrogate(item)) is not None:
+            return (key, *where)
+    return None
 
 
 class StreamOptions(OpenAIModel):
@@ -56,7 +85,7 @@ class CompletionRequest(OpenAIModel):
     max_tokens: Positive | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     presence_penalty: Penalty | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: Stop | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -67,7 +96,7 @@ class CompletionRequest(OpenAIModel):
     # --- extensions ---
     top_k: TopK | None = None
     min_p: MinP | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
@@ -135,7 +164,7 @@ class ChatCompletionRequest(OpenAIModel):
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     presence_penalty: Penalty | None = None
     response_format: ResponseFormat | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: Stop | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -148,7 +177,7 @@ class ChatCompletionRequest(OpenAIModel):
     # --- extensions ---
     top_k: TopK | None = None
     min_p: MinP | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
@@ -185,7 +214,7 @@ class ChatCompletionRequest(OpenAIModel):
 class TokenizeRequest(OpenAIModel):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -199,7 +228,7 @@ def _check_common(req: CompletionRequest | ChatCompletionRequest) -> None:
     if req.stream_options is not None and not req.stream:
         raise errors.invalid_request("stream_options is only allowed when stream is true.", param="stream_options")
     for key in req.logit_bias or {}:
-        if not key.lstrip("-").isdigit():
+        if not re.fullmatch(r"-?[0-9]+", key):  # not str.isdigit(): it is true for "²", which int() refuses
             raise errors.invalid_request(f"logit_bias keys must be token ids, got {key!r}.", param="logit_bias")
 
 
@@ -227,9 +256,12 @@ def _sampling_params(
     if req.min_tokens > max_tokens:
         raise errors.invalid_request(f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens}).", "min_tokens")
     stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    temperature = pick("temperature", req.temperature, 1.0)
+    if temperature < GREEDY_BELOW:  # greedy is the limit as the temperature goes to 0; dividing by ~0 is not
+        temperature = 0.0
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=pick("temperature", req.temperature, 1.0),
+        temperature=temperature,
         top_p=pick("top_p", req.top_p, 1.0),
         top_k=max(0, pick("top_k", req.top_k, 0)),
         min_p=pick("min_p", req.min_p, 0.0),

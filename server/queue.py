@@ -240,7 +240,9 @@ def _generate_into(engine: Engine, job: Job, loop: asyncio.AbstractEventLoop, me
                 return
         item = EngineError("the engine stopped without a finish reason")
     except Exception as e:  # worker boundary: report it to the request, keep the worker alive
-        item = e
+        # A ValueError before the first token is the engine refusing the request (a 400 with its reason); after
+        # one, generation itself failed, and its message is internal.
+        item = EngineError(f"generation failed: {e!r}") if isinstance(e, ValueError) and job.token_times else e
     log.error("request %s failed: %s", job.request.request_id, item, exc_info=item)
     job.is_done = True
     with contextlib.suppress(RuntimeError):  # the loop is gone only when the process is exiting

@@ -61,7 +61,7 @@ def _stream(chunks: AsyncIterator[BaseModel], group: JobGroup, ctx: ServerContex
 Ctx = Annotated[ServerContext, Depends(get_ctx)]
 v1 = APIRouter(prefix="/v1")  # these two need the API key when one is set
 utility = APIRouter()
-public = APIRouter()  # probes and scrapers: never behind the key
+public = APIRouter()  # probes and scrapers: open by default, behind the key once dropped from --public-routes
 
 
 @v1.post("/completions", response_model=None)

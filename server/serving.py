@@ -20,7 +20,7 @@ from server import __version__, errors
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.queue import CancelReason, JobGroup, RequestQueue
-from server.settings import Settings
+from server.settings import BUNDLED_MODEL, BUNDLED_MODEL_NAME, Settings
 
 if TYPE_CHECKING:
     from engine.generate import Engine
@@ -41,7 +41,9 @@ class ServerContext:
 
     @property
     def model_name(self) -> str:
-        return self.settings.served_model_name or self.engine.model_name
+        if self.settings.served_model_name:
+            return self.settings.served_model_name
+        return BUNDLED_MODEL_NAME if self.settings.model == BUNDLED_MODEL else self.engine.model_name
 
     @property
     def max_model_len(self) -> int:

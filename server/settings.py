@@ -9,11 +9,16 @@ import argparse
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 ENV_PREFIX = "HYMBA_"
+# The small Shakespeare Hymba shipped as package data of `engine` (found by path: importing engine means torch)
+BUNDLED_MODEL = str(Path(__file__).resolve().parents[1] / "engine" / "tiny")
+BUNDLED_MODEL_NAME = "hymba-tiny-shakespeare"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+PROBE_ROUTES = ("/health", "/version", "/metrics")  # the routes --public-routes may leave open
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -27,7 +32,10 @@ def _flag(help: str, metavar: str | None = None, **kw) -> dict:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    model: str = field(**_flag("checkpoint folder (config.json, model.safetensors, tokenizer.json)", "DIR"))
+    model: str = field(
+        default=BUNDLED_MODEL,
+        **_flag("checkpoint folder (config.json, model.safetensors, tokenizer.json); default: the bundled demo", "DIR"),
+    )
     served_model_name: str | None = field(default=None, **_flag("model id in the API (default: folder name)"))
     host: str = field(default="127.0.0.1", **_flag("address to listen on"))
     port: int = field(default=8000, **_flag("port to listen on (0: any free port)"))
@@ -35,7 +43,10 @@ class Settings:
     dtype: str = field(default="auto", **_flag("weights and activations dtype: " + ", ".join(DTYPES)))
     max_model_len: int | None = field(default=None, **_flag("prompt + generated tokens (default: from the config)"))
     max_queue: int = field(default=64, **_flag("requests allowed to wait for a worker; more get 429"))
-    api_key: str | None = field(default=None, **_flag("Bearer key required on /v1/*, /tokenize, /detokenize"))
+    api_key: str | None = field(default=None, **_flag("Bearer key required on every route but --public-routes"))
+    public_routes: tuple[str, ...] = field(
+        default=PROBE_ROUTES, **_flag("routes open without the key, of " + ",".join(PROBE_ROUTES) + " ('': none)")
+    )
     cors_origins: tuple[str, ...] = field(default=(), **_flag("comma-separated origins allowed by CORS, or *"))
     request_timeout: float = field(default=600.0, **_flag("seconds a request may take, queue wait included"))
     shutdown_timeout: float = field(default=30.0, **_flag("seconds to let in-flight requests finish on SIGTERM"))
@@ -65,6 +76,8 @@ class Settings:
             fail("log_level", "one of " + ", ".join(LOG_LEVELS))
         if self.api_key == "":
             fail("api_key", "non-empty when set")
+        if not set(self.public_routes) <= set(PROBE_ROUTES):
+            fail("public_routes", "a comma-separated subset of " + ",".join(PROBE_ROUTES))
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -81,8 +94,6 @@ class Settings:
             if raw is None and ENV_PREFIX + f.name.upper() in environ:
                 raw, source = environ[ENV_PREFIX + f.name.upper()], ENV_PREFIX + f.name.upper()
             if raw is None:
-                if f.default is MISSING:
-                    raise SettingsError(f"--model (or {ENV_PREFIX}MODEL) is required")
                 continue
             values[f.name] = _convert(f.name, raw, source)
         return cls(**values)
@@ -101,7 +112,7 @@ def _convert(name: str, raw: str, source: str) -> object:
     except ValueError:
         kind = "an integer" if name in _INTS else "a number"
         raise SettingsError(f"{source} must be {kind}, got {raw!r}") from None
-    if name == "cors_origins":
+    if name in ("cors_origins", "public_routes"):
         return tuple(o.strip() for o in raw.split(",") if o.strip())
     return raw
 
@@ -115,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hymba-serve", description="OpenAI-compatible server for Hymba checkpoints.")
     for f in fields(Settings):
         env = ENV_PREFIX + f.name.upper()
-        default = "" if f.default in (MISSING, None, ()) else f" (default {f.default})"
+        default = "" if f.default in (None, ()) else f" (default {_shown(f.default)})"
         parser.add_argument(
             f"--{f.name.replace('_', '-')}",
             dest=f.name,
@@ -130,7 +141,14 @@ def flag_table() -> str:
     """The flags as a Markdown table, for the README."""
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for f in fields(Settings):
-        default = "required" if f.default is MISSING else ("" if f.default in (None, ()) else f"`{f.default}`")
+        default = "" if f.default in (None, ()) else f"`{_shown(f.default)}`"
         flag, env = f"--{f.name.replace('_', '-')}", ENV_PREFIX + f.name.upper()
         rows.append(f"| `{flag}` | `{env}` | {default} | {f.metadata['help']} |")
     return "\n".join(rows)
+
+
+def _shown(default: object) -> str:
+    """A default as it would be typed: a tuple as its comma-separated items, the bundled model by name."""
+    if default == BUNDLED_MODEL:
+        return "bundled engine/tiny"
+    return ",".join(default) if isinstance(default, tuple) else str(default)

@@ -83,7 +83,6 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "args, expected",
     [
-        ([], "--model (or HYMBA_MODEL) is required"),
         (["--model", str(ODD_6L), "--port", "eighty"], "--port must be an integer, got 'eighty'"),
         (["--model", str(ODD_6L), "--device", "tpu"], "--device must be"),
         (["--model", str(ODD_6L), "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
@@ -102,6 +101,18 @@ def test_the_process_exits_2(tmp_path):
     done = run_main("--model", str(tmp_path))
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("hymba-serve: error: cannot load") and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_no_model_flag_serves_the_bundled_shakespeare_model(processes):
+    """The README's first command: `hymba-serve` with no flags answers with text from the shipped checkpoint."""
+    env = {k: v for k, v in os.environ.items() if k != "HYMBA_MODEL"}
+    server = processes(sys.executable, "-m", "server", "--port", "0", env=env)
+    url = server.wait_for_url()
+    assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["hymba-tiny-shakespeare"]
+    body = {"prompt": "To be, or not to be", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    out = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+    text = out["choices"][0]["text"]
+    assert out["usage"]["completion_tokens"] == 24 and sum(ch.isalpha() for ch in text) > 20, text
 
 
 def test_server_modules_do_not_import_torch():

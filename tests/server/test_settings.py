@@ -28,6 +28,7 @@ def test_every_flag_has_an_environment_twin():
         "HYMBA_MAX_MODEL_LEN": "4096",
         "HYMBA_MAX_QUEUE": "8",
         "HYMBA_API_KEY": "k",
+        "HYMBA_PUBLIC_ROUTES": "/health",
         "HYMBA_CORS_ORIGINS": "http://a, http://b",
         "HYMBA_REQUEST_TIMEOUT": "30",
         "HYMBA_SHUTDOWN_TIMEOUT": "5",
@@ -37,6 +38,7 @@ def test_every_flag_has_an_environment_twin():
     assert {f"HYMBA_{f.name.upper()}" for f in fields(Settings)} == set(environ)
     s = Settings.from_args([], environ=environ)
     assert s.devices == ("cuda:0", "cuda:1") and s.cors_origins == ("http://a", "http://b")
+    assert s.public_routes == ("/health",)
     assert (s.port, s.max_model_len, s.max_queue, s.request_timeout, s.max_body_bytes) == (9000, 4096, 8, 30.0, 65536)
 
 
