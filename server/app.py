@@ -1,4 +1,5 @@
-"""build_app: the FastAPI application around a set of loaded engines (one per device, same checkpoint).
+"""build_app: the FastAPI application around a set of engines (one per device, same checkpoint), given at once or
+handed over by serve_engines once they have loaded in the background: until then /health and /v1/* answer 503.
 
 Owns the lifespan (workers start and stop with the app), API-key auth, CORS, the body-size limit, per-request
 metrics, and the one mapping of every failure to OpenAI's error JSON: 400 for validation (never 422), 401, 404,
@@ -33,27 +34,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("hymba.app")
 
 
-def build_app(settings: Settings, engines: Sequence[Engine]) -> FastAPI:
+def build_app(settings: Settings, engines: Sequence[Engine] = ()) -> FastAPI:
+    """With `engines`, the workers start with the app; without, the app answers 503 "loading" until serve_engines."""
     metrics = Metrics()
-    ctx = ServerContext(settings, engines, RequestQueue(settings.max_queue, metrics), metrics)
-    for engine in engines:
-        metrics.state_bytes.labels(engine.device).set(engine.state_nbytes)
-    metrics.load_seconds.set(max(engine.load_seconds for engine in engines))
-    devices = ",".join(engine.device for engine in engines)
-    metrics.info.info({"model": ctx.model_name, "version": __version__, "devices": devices})
+    ctx = ServerContext(settings, [], RequestQueue(settings.max_queue, metrics), metrics)
+    if engines:
+        _add_engines(ctx, engines)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        ctx.queue.start(engines)
+        if ctx.engines:
+            ctx.queue.start(ctx.engines)
         yield
         await ctx.queue.stop()
 
     app = FastAPI(title="hymba-serve", version=__version__, lifespan=lifespan)
     app.state.ctx = ctx
-    needs_key = [Depends(require_api_key)]
-    app.include_router(routes.v1, dependencies=needs_key)
-    app.include_router(routes.utility, dependencies=needs_key)
-    app.include_router(routes.public, dependencies=needs_key)  # unless listed in --public-routes (the default)
+    needs_key, needs_engines = Depends(require_api_key), Depends(require_engines)
+    app.include_router(routes.v1, dependencies=[needs_key, needs_engines])
+    app.include_router(routes.utility, dependencies=[needs_key, needs_engines])
+    app.include_router(routes.public, dependencies=[needs_key])  # unless listed in --public-routes (the default)
 
     app.add_exception_handler(errors.APIError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
@@ -68,6 +68,31 @@ def build_app(settings: Settings, engines: Sequence[Engine]) -> FastAPI:
         )
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app
+
+
+def serve_engines(app: FastAPI, engines: Sequence[Engine]) -> None:
+    """On the app's event loop, once the engines have loaded: one worker each starts and /health turns 200. A no-op
+    when SIGTERM came first (the app is draining)."""
+    ctx = app.state.ctx
+    if ctx.queue.is_draining:
+        return
+    _add_engines(ctx, engines)
+    ctx.queue.start(engines)
+
+
+def _add_engines(ctx: ServerContext, engines: Sequence[Engine]) -> None:
+    ctx.engines = list(engines)
+    for engine in engines:
+        ctx.metrics.state_bytes.labels(engine.device).set(engine.state_nbytes)
+    ctx.metrics.load_seconds.set(max(engine.load_seconds for engine in engines))
+    devices = ",".join(engine.device for engine in engines)
+    ctx.metrics.info.info({"model": ctx.model_name, "version": __version__, "devices": devices})
+
+
+def require_engines(request: Request) -> None:
+    """Every route but the probes needs a loaded engine (its tokenizer, its limits, a worker to run on)."""
+    if request.app.state.ctx.queue.phase == "loading":
+        raise errors.unavailable("loading")
 
 
 def require_api_key(request: Request) -> None:

@@ -13,6 +13,7 @@ import functools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.api import GenerationRequest, TokenEvent, TokenLogprob
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class ServerContext:
-    """What every route needs, built once by build_app. All engines serve the same checkpoint."""
+    """What every route needs, built once by build_app. All engines serve the same checkpoint; `engines` stays empty
+    until they have loaded (the routes that need one answer 503 until then)."""
 
     settings: Settings
     engines: Sequence[Engine]
@@ -43,7 +45,8 @@ class ServerContext:
     def model_name(self) -> str:
         if self.settings.served_model_name:
             return self.settings.served_model_name
-        return BUNDLED_MODEL_NAME if self.settings.model == BUNDLED_MODEL else self.engine.model_name
+        # the folder's name, as Engine.model_name has it, known before the engines have loaded
+        return BUNDLED_MODEL_NAME if self.settings.model == BUNDLED_MODEL else Path(self.settings.model).resolve().name
 
     @property
     def max_model_len(self) -> int:

@@ -1,5 +1,5 @@
-"""The process: `python -m server` start-up and its exit-2 errors, and SIGTERM drain, each a real server subprocess
-on hymba-odd-6L."""
+"""The process: `python -m server` start-up (listening at once, 503 while the engine loads) and its exit-2 errors,
+and SIGTERM drain, each a real server subprocess on hymba-odd-6L."""
 
 from __future__ import annotations
 
@@ -15,12 +15,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from engine.api import GenerationRequest, SamplingParams
 from server.__main__ import main
-from tests.server.conftest import ODD_6L, load_engine, wait_until
+from tests.server.conftest import ODD_6L, checkpoint_copy, load_engine, wait_until
 
 ROOT = Path(__file__).parents[2]
+LOADING = {"message": "The model is still loading.", "type": "service_unavailable_error", "param": None,
+           "code": "loading"}  # fmt: skip
 
 
 class Process:
@@ -96,11 +100,65 @@ def test_bad_flags_exit_2_with_one_line(args, expected, capsys, monkeypatch):
     assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
 
 
-def test_the_process_exits_2(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "hymba"}))  # a checkpoint that cannot load
-    done = run_main("--model", str(tmp_path))
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"config.json": json.dumps({"model_type": "hymba"})}, "config.json: "),
+        ({"tokenizer.json": "{"}, "tokenizer.json: cannot be loaded"),
+    ],
+    ids=["config", "tokenizer"],
+)
+def test_bad_small_files_exit_2_before_listening(files, expected, tmp_path):
+    done = run_main("--model", str(checkpoint_copy(tmp_path, files)), "--port", "0")
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("hymba-serve: error: cannot load") and done.stderr.count("\n") == 1, done.stderr
+    assert expected in done.stderr and "listening on" not in done.stdout + done.stderr
+
+
+def test_health_is_503_while_loading_then_200(processes):
+    """The port opens before the engine loads (importing torch and reading the weights take seconds): probes see
+    503 with OpenAI's error body, as do API calls, then 200 once the worker runs."""
+    server = processes(sys.executable, "-m", "server", "--model", str(ODD_6L), "--port", "0")
+    wait_until(lambda: any("listening on" in line for line in server.lines), timeout=60)
+    url = re.search(r"listening on (http://\S+)", "".join(server.lines)).group(1)
+    statuses: list[int] = []
+    while not statuses or statuses[-1] != 200:
+        assert server.proc.poll() is None and len(statuses) < 10_000, "".join(server.lines)
+        try:
+            health = httpx.get(url + "/health", timeout=5)
+        except httpx.TransportError:  # the line is logged just before uvicorn starts accepting
+            time.sleep(0.01)
+            continue
+        statuses.append(health.status_code)
+        if statuses == [503]:
+            assert health.json() == {"error": LOADING} and health.headers["retry-after"] == "1"
+            for r in (httpx.get(url + "/v1/models"), httpx.post(url + "/v1/completions", json={"prompt": "t5"})):
+                assert r.status_code == 503 and r.json() == {"error": LOADING}, r.text
+    assert statuses[0] == 503 and set(statuses) == {503, 200}, statuses
+    log = "".join(server.lines)
+    assert log.index("listening on") < log.index("loaded hymba-odd-6L on cpu"), log
+    out = httpx.post(url + "/v1/completions", json={"prompt": [1, 5, 6], "max_tokens": 3, "temperature": 0}).json()
+    assert out["usage"]["completion_tokens"] == 3
+
+
+def test_weights_that_do_not_load_exit_2_after_listening(processes, tmp_path):
+    model_dir = checkpoint_copy(tmp_path, {})
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors["model.layers.3.mamba.A_log.0"] = torch.zeros(72, 5)  # expected (d_inner, d_state) = (72, 6)
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    server = processes(sys.executable, "-m", "server", "--model", str(model_dir), "--port", "0")
+    wait_until(lambda: any(line.startswith("hymba-serve: error") for line in server.lines), timeout=60)
+    failed_at = time.monotonic()
+    assert server.proc.wait(timeout=30) == 2, "".join(server.lines)
+    exited_after = time.monotonic() - failed_at
+    log = "".join(server.lines)
+    (error,) = [line for line in server.lines if "error" in line.lower()]
+    assert error == (
+        f"hymba-serve: error: cannot load {model_dir}: model.safetensors: "
+        "model.layers.3.mamba.A_log.0 has shape (72, 5), expected (72, 6)\n"
+    )
+    assert log.index("listening on") < log.index(error) and "Traceback" not in log, log
+    assert exited_after < 10, exited_after  # uvicorn's shutdown, then the interpreter and torch tearing down
 
 
 def test_no_model_flag_serves_the_bundled_shakespeare_model(processes):
