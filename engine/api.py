@@ -9,6 +9,9 @@ import enum
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs / completions logprobs
+# A temperature under this samples greedily (vLLM's epsilon): greedy is the limit as the temperature goes to 0, and
+# logits divided by a temperature that is ~0 in fp32 overflow into a NaN row.
+GREEDY_BELOW = 1e-5
 
 
 class FinishReason(str, enum.Enum):
@@ -45,8 +48,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        # below 1e-5 a temperature can round to 0 in fp32 and turn the row into NaN: treat it as greedy
-        return self.temperature < 1e-5 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
 @dataclass(frozen=True, slots=True)

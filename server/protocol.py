@@ -32,7 +32,6 @@ Positive = Annotated[int, Field(ge=1)]
 NumLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # OpenAI's int64; torch seeds take 64 bits
 RepetitionPenalty = Annotated[float, Field(ge=0.01)]  # seen tokens' logits are divided by it: tinier overflows fp32
-GREEDY_BELOW = 1e-5  # a temperature under this samples as greedy (vLLM's epsilon); logits / 1e-38 overflow fp32
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -256,12 +255,9 @@ def _sampling_params(
     if req.min_tokens > max_tokens:
         raise errors.invalid_request(f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens}).", "min_tokens")
     stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
-    temperature = pick("temperature", req.temperature, 1.0)
-    if temperature < GREEDY_BELOW:  # greedy is the limit as the temperature goes to 0; dividing by ~0 is not
-        temperature = 0.0
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=temperature,
+        temperature=pick("temperature", req.temperature, 1.0),  # below GREEDY_BELOW the engine samples greedily
         top_p=pick("top_p", req.top_p, 1.0),
         top_k=max(0, pick("top_k", req.top_k, 0)),
         min_p=pick("min_p", req.min_p, 0.0),
