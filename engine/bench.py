@@ -2,8 +2,10 @@
 
 One run measures, on the current device: the copy bandwidth and matmul rate (the two ceilings); time to first token
 for several prompt lengths and decode tokens/s at several contexts, for the Triton path and the PyTorch twins side by
-side (each a median of runs with its min-max); weight, state and peak memory bytes; the decode roofline (weight bytes
-/ copy bandwidth); and each kernel at its real size against its bytes or FLOPs floor. --json writes every number.
+side (each a median of runs with its min-max), and decode through the CUDA graph the server replays; weight, state
+and peak memory bytes; the decode roofline (weight bytes / copy bandwidth); where a decode step's time goes (GEMVs,
+attention, SSM, the rest); and each kernel at its real size against its bytes or FLOPs floor. --json writes every
+number.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 import kernels
 from engine.config import HymbaConfig
+from engine.graph import DecodeGraph
 from engine.model import HymbaForCausalLM
 from engine.state import DecodeState
 from engine.weights import _FP32_SUFFIXES, expected_shapes
@@ -38,7 +41,8 @@ HYMBA_1_5B = {
     "mlp_hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "num_experts": 1,
     "num_experts_per_tok": 1, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "bfloat16",
 }  # fmt: skip
-DECODE_STEPS = 16  # tokens per timed decode run
+DECODE_STEPS = 16  # tokens per timed decode run (eager)
+GRAPH_DECODE_STEPS = 128  # tokens per timed decode run through the CUDA graph
 
 
 def random_weights(config: HymbaConfig, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -89,6 +93,18 @@ def device_seconds(fn, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def graph_seconds(fn, reps: int = 20) -> float:
+    """Device time of one fn() inside a CUDA graph of `reps` calls (launch latency gone, as in the decode graph):
+    the median over 5 replays, divided by reps. fn must be capturable (no host syncs)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return device_seconds(graph.replay, reps=5) / reps
+
+
 def ceilings(device: torch.device) -> tuple[float, float]:
     """(copy bandwidth in bytes/s counting bytes read + written, bf16 matmul rate in FLOP/s), both measured."""
     src = torch.randn(256 << 20, device=device)  # 1 GiB, far past L2
@@ -112,21 +128,71 @@ def time_prefill(model: HymbaForCausalLM, state: DecodeState, num_tokens: int, r
     return times[1:]
 
 
-def time_decode(model: HymbaForCausalLM, state: DecodeState, context: int, runs: int) -> list[float]:
-    """Tokens/s of runs of DECODE_STEPS greedy steps after a prompt of `context` tokens (3 warm-up steps)."""
-    device = state.ssm.device
+def time_decode(model: HymbaForCausalLM, state: DecodeState, context: int, runs: int, graph=None) -> list[float]:
+    """Tokens/s of runs of greedy steps after a prompt of `context` tokens (3 warm-up steps), the token staying on
+    the device: through model.decode (eager), or through a DecodeGraph's replays."""
+    device, step = state.ssm.device, (graph or model).decode
+    steps = GRAPH_DECODE_STEPS if graph else DECODE_STEPS
     state.reset()
     token = model.prefill(torch.randint(3, model.config.vocab_size, (context,), device=device), state).argmax()
     for _ in range(3):
-        token = model.decode(token, state).argmax()
+        token = step(token, state).argmax()
     rates = []
     for _ in range(runs):
         sync(device)
         t0 = time.perf_counter()
-        for _ in range(DECODE_STEPS):
-            token = model.decode(token, state).argmax()
+        for _ in range(steps):
+            token = step(token, state).argmax()
         int(token)
-        rates.append(DECODE_STEPS / (time.perf_counter() - t0))
+        rates.append(steps / (time.perf_counter() - t0))
+    return rates
+
+
+# kernel name -> part of a decode step (the rest: embedding, index arithmetic, argmax)
+_DECODE_PARTS = {"_gemv_kernel": "gemv", "_attention_decode": "attention", "_rope_decode": "attention",
+                 "_ssm_update": "ssm", "_causal_conv1d_update": "ssm"}  # fmt: skip
+
+
+def decode_split(model: HymbaForCausalLM, state: DecodeState, graph: DecodeGraph, context: int) -> dict:
+    """Where one decode step's time goes at `context`: each kernel's device time from the profiler over eager steps
+    (the graph runs the same kernels), grouped into parts, and the graph's per-step time beside their sum (the
+    difference is the gap between kernels). Also the GEMVs' achieved bandwidth."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kernels.use_triton(True)
+    steps, device = 8, state.ssm.device
+    state.reset()
+    token = model.prefill(torch.randint(3, model.config.vocab_size, (context,), device=device), state).argmax()
+    token = model.decode(token, state).argmax()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            token = model.decode(token, state).argmax()
+        sync(device)
+    parts = dict.fromkeys(["gemv", "attention", "ssm", "other"], 0.0)
+    launches = 0
+    for event in prof.key_averages():
+        if event.self_device_time_total <= 0:
+            continue
+        part = next((p for prefix, p in _DECODE_PARTS.items() if event.key.startswith(prefix)), "other")
+        parts[part] += event.self_device_time_total / 1e6 / steps
+        launches += event.count
+    state.reset()
+    token = model.prefill(torch.randint(3, model.config.vocab_size, (context,), device=device), state).argmax()
+    graph_step = 1 / statistics.median(time_decode_graph_only(graph, state, token))
+    return {"context": context, "parts_s": parts, "kernels_per_step": launches / steps, "graph_step_s": graph_step,
+            "gaps_s": graph_step - sum(parts.values())}  # fmt: skip
+
+
+def time_decode_graph_only(graph: DecodeGraph, state: DecodeState, token: torch.Tensor) -> list[float]:
+    rates = []
+    for _ in range(5):
+        sync(state.ssm.device)
+        t0 = time.perf_counter()
+        for _ in range(32):
+            token = graph.decode(token, state).argmax()
+        int(token)
+        rates.append(32 / (time.perf_counter() - t0))
     return rates
 
 
@@ -134,12 +200,13 @@ def kernel_rows(device: torch.device, dtype: torch.dtype, bandwidth: float, matm
     """Each kernel at the real size of one 2048-token prefill chunk or one decode step, in the model's dtypes
     (fp32 activations, bf16 q/k/v and B/C), Triton against its twin, with its floor: bytes / copy bandwidth or
     matmul FLOPs / matmul rate, whichever is larger."""
-    attention, causal_conv1d, rms_norm, selective_scan, ssm_update = (
+    attention, causal_conv1d, gemv, rms_norm, rope, selective_scan, ssm_update = (
         importlib.import_module(f"kernels.{name}")  # the modules: kernels.<name> itself is the dispatching op
-        for name in ("attention", "causal_conv1d", "rms_norm", "selective_scan", "ssm_update")
+        for name in ("attention", "causal_conv1d", "gemv", "rms_norm", "rope", "selective_scan", "ssm_update")
     )
 
     T, d, N, K, H, Hk, dq, dv, M, W = 2048, 3200, 16, 4, 25, 5, 64, 128, 128, 1024
+    size = torch.finfo(dtype).bits // 8
     f32 = dict(device=device, dtype=torch.float32)
     act = dict(device=device, dtype=dtype)
     A = -torch.arange(1, N + 1, **f32).expand(d, N).contiguous()
@@ -148,7 +215,12 @@ def kernel_rows(device: torch.device, dtype: torch.dtype, bandwidth: float, matm
                  torch.randn(T, N, **act), torch.ones(d, **f32), torch.randn(T, d, **f32), dt_bias)  # fmt: skip
     state = torch.zeros(d, N, **f32)
     conv = (torch.randn(T, d, **f32), torch.randn(d, K, **f32), torch.randn(d, **f32), torch.zeros(d, K - 1, **f32))
-    step = [a[0] if a.shape[0] == T else a for a in scan_args]
+    R, D, F, V = 100, 1600, 5504, 32001
+    u, dbc, z = torch.randn(d, **f32), torch.randn(R + 2 * N, **f32), torch.randn(d, **f32)
+    dt_w = 0.02 * torch.randn(d, R, **act)
+    norms = (torch.ones(R, **act), torch.ones(N, **act), torch.ones(N, **act))
+    step = (state, u, dbc, dt_w, dt_bias, A, torch.ones(d, **f32), z, norms, 1e-6)
+    ssm_bytes = 2 * d * N * 4 + d * N * 4 + d * R * size + 4 * d * 4  # state in/out, A, dt_proj, vectors
     x_norm, y_norm, w_norm = torch.randn(T, d, **f32), torch.randn(T, d, **f32), torch.ones(d, **act)
 
     def attention_8k(window):  # the four 2048-token chunks of an 8192-token prompt after the meta tokens
@@ -170,7 +242,6 @@ def kernel_rows(device: torch.device, dtype: torch.dtype, bandwidth: float, matm
     swa_calls, swa_flops = attention_8k(W)
     kv = {cap: (torch.randn(H, dq, **act), torch.randn(Hk, cap, dq, **act), torch.randn(Hk, cap, dv, **act),
                 torch.tensor(cap, device=device)) for cap in (M + W, M + 8192)}  # fmt: skip
-    size = torch.finfo(dtype).bits // 8
     scan_bytes = (4 * T * d + 2 * d * N) * 4 + 2 * T * N * size  # u, dt, z, out + state in/out, fp32; B, C
     # (name, triton call, twin call, floor bytes, floor matmul FLOPs)
     cases = [
@@ -186,37 +257,86 @@ def kernel_rows(device: torch.device, dtype: torch.dtype, bandwidth: float, matm
          run_all(attention.attention_prefill_ref, global_calls), 0, global_flops),
         ("attention_prefill sliding, 8k prompt", run_all(attention.attention_prefill, swa_calls),
          run_all(attention.attention_prefill_ref, swa_calls), 0, swa_flops),
-        ("ssm_update", lambda: ssm_update.ssm_update(state, *step), lambda: ssm_update.ssm_update_ref(state, *step),
-         3 * d * N * 4, 0),
-        ("causal_conv1d_update", lambda: causal_conv1d.causal_conv1d_update(conv[0][0], *conv[1:]),
+    ]  # fmt: skip
+    # decode-size kernels: timed inside a CUDA graph, as the decode step runs them (event timing would measure
+    # the Python launch); the twin too where it is capturable (the GEMV twins are cuBLAS calls)
+    graphed = [
+        ("ssm_update (fused dt_proj, norms), one token", lambda: ssm_update.ssm_update(*step),
+         lambda: ssm_update.ssm_update_ref(*step), ssm_bytes, 0),
+        ("causal_conv1d_update, one token", lambda: causal_conv1d.causal_conv1d_update(conv[0][0], *conv[1:]),
          lambda: causal_conv1d.causal_conv1d_update_ref(conv[0][0], *conv[1:]), (2 * (K - 1) + K) * d * 4, 0),
     ]  # fmt: skip
     for cap, (q, k_buf, v_buf, n) in kv.items():
-        cases.append((f"attention_decode {cap} slots", lambda a=(q, k_buf, v_buf, n): attention.attention_decode(*a),
-                      lambda a=(q, k_buf, v_buf, n): attention.attention_decode_ref(*a), Hk * cap * (dq + dv) * size,
-                      0))  # fmt: skip
+        graphed.append((f"attention_decode {cap} slots", lambda a=(q, k_buf, v_buf, n): attention.attention_decode(*a),
+                        None, Hk * cap * (dq + dv) * size, 0))  # fmt: skip
+    qkv, pos, slot = (
+        torch.randn(D + Hk * (dq + dv), **f32),
+        torch.tensor([M + 5], device=device),
+        torch.tensor([7], device=device),
+    )
+    cos, sin = torch.randn(M + 8192, dq, **f32), torch.randn(M + 8192, dq, **f32)
+    q_out, (_, k_buf, v_buf, _) = torch.empty(H, dq, **act), kv[M + W]
+    graphed.append(("rope_decode + KV write", lambda: rope.rope_decode(qkv, pos, cos, sin, q_out, k_buf, v_buf, slot),
+                    lambda: rope.rope_decode_ref(qkv, pos, cos, sin, q_out, k_buf, v_buf, slot),
+                    qkv.numel() * 4 + (H + Hk) * dq * size + Hk * dv * size, 0))  # fmt: skip
+    x_d, x_i, x_f, res = torch.randn(D, **f32), torch.randn(d, **f32), torch.randn(F, **f32), torch.randn(D, **f32)
+    nw_d, nw_i = torch.ones(D, **act), torch.ones(d, **act)
+
+    def weight(n, k):
+        return 0.02 * torch.randn(n, k, **act)
+
+    w_in, w_out, w_gate, w_up, w_down, w_x, w_lm = (
+        weight(D + Hk * (dq + dv) + 2 * d, D),
+        weight(D, d),
+        weight(F, D),
+        weight(F, D),
+        weight(D, F),
+        weight(R + 2 * N, d),
+        weight(V, D),
+    )
+    for name, fn, args, kwargs, w_bytes in [
+        ("norm_gemv in_proj 8960x1600", "norm_gemv", (x_d, nw_d, 1e-6, w_in), {}, w_in),
+        ("norm_average_gemv out_proj 1600x3200 + residual", "norm_average_gemv",
+         (x_i, x_i, nw_i, nw_i, 1e-6, w_out, None), {"residual": res}, w_out),
+        ("mlp_gemv gate+up 2x5504x1600 SwiGLU", "mlp_gemv", (x_d, nw_d, 1e-6, w_gate, w_up), {}, 2 * w_gate),
+        ("gemv down_proj 1600x5504 + residual", "gemv", (x_f, w_down), {"residual": res}, w_down),
+        ("gemv x_proj 132x3200", "gemv", (x_i, w_x), {}, w_x),
+        ("norm_gemv LM head 32001x1600", "norm_gemv", (x_d, nw_d, 1e-6, w_lm), {}, w_lm),
+    ]:  # fmt: skip
+        tri, ref = getattr(gemv, fn), getattr(gemv, fn + "_ref")
+        graphed.append((name, lambda f=tri, a=args, k=kwargs: f(*a, **k), lambda f=ref, a=args, k=kwargs: f(*a, **k),
+                        w_bytes.numel() * size, 0))  # fmt: skip
     rows = []
-    for name, tri, ref, num_bytes, flops in cases:
+    for name, tri, ref, num_bytes, flops in cases + graphed:
         floor = max(num_bytes / bandwidth, flops / matmul_rate)
-        triton_s, twin_s = device_seconds(tri), device_seconds(ref, reps=5)
+        in_graph = any(name == g[0] for g in graphed)
+        triton_s = graph_seconds(tri) if in_graph else device_seconds(tri)
+        twin_s = None
+        if ref is not None:
+            twin_s = graph_seconds(ref) if in_graph else device_seconds(ref, reps=5)
         rows.append({"kernel": name, "bytes": num_bytes, "flops": flops, "floor_s": floor, "triton_s": triton_s,
-                     "twin_s": twin_s, "fraction_of_floor": floor / triton_s})  # fmt: skip
+                     "twin_s": twin_s, "fraction_of_floor": floor / triton_s, "in_cuda_graph": in_graph})  # fmt: skip
     return rows
 
 
-def bench_path(model, state, args, use_triton: bool) -> dict:
-    """Every prefill and decode measure through one path; each is printed as soon as it is taken."""
+def bench_path(model, state, args, use_triton: bool, graph: DecodeGraph | None = None) -> dict:
+    """Every prefill and decode measure through one path (and decode through the graph, if given); each is printed
+    as soon as it is taken."""
     kernels.use_triton(use_triton)
     torch.cuda.reset_peak_memory_stats()
     name, runs = ("triton", args.runs) if use_triton else ("twins", max(3, args.runs // 2))
-    prefill, decode = {}, {}
+    prefill, decode, graph_decode = {}, {}, {}
     for n in args.prompt_lengths:
         prefill[n] = summary(time_prefill(model, state, n, runs))
         print(f"{name}: TTFT {n} tokens {prefill[n]['median'] * 1e3:.1f} ms", flush=True)
     for c in args.contexts:
+        if graph is not None:
+            graph_decode[c] = summary(time_decode(model, state, c, runs, graph))
+            print(f"{name}: decode at {c} tokens, CUDA graph {graph_decode[c]['median']:.1f} tokens/s", flush=True)
         decode[c] = summary(time_decode(model, state, c, runs))
-        print(f"{name}: decode at {c} tokens {decode[c]['median']:.1f} tokens/s", flush=True)
-    return {"prefill_s": prefill, "decode_tokens_per_s": decode, "peak_memory_bytes": torch.cuda.max_memory_allocated()}
+        print(f"{name}: decode at {c} tokens, eager {decode[c]['median']:.1f} tokens/s", flush=True)
+    return {"prefill_s": prefill, "decode_tokens_per_s": decode, "graph_decode_tokens_per_s": graph_decode,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated()}  # fmt: skip
 
 
 def print_report(result: dict) -> None:
@@ -236,8 +356,13 @@ def print_report(result: dict) -> None:
     for n in result["prompt_lengths"]:
         row(f"TTFT, {n}-token prompt (ms)", [cell(p["prefill_s"][n], 1e3, "{:.1f}") for p in paths.values()])
     for c in result["contexts"]:
+        row(f"decode at {c} tokens, CUDA graph (tokens/s)",
+            [cell(p["graph_decode_tokens_per_s"][c], 1, "{:.0f}") if p["graph_decode_tokens_per_s"] else "-"
+             for p in paths.values()])  # fmt: skip
+    for c in result["contexts"]:
         row(
-            f"decode at {c} tokens (tokens/s)", [cell(p["decode_tokens_per_s"][c], 1, "{:.0f}") for p in paths.values()]
+            f"decode at {c} tokens, eager (tokens/s)",
+            [cell(p["decode_tokens_per_s"][c], 1, "{:.0f}") for p in paths.values()],
         )
     row("peak GPU memory (GB)", [f"{p['peak_memory_bytes'] / 1e9:.2f}" for p in paths.values()])
     roofline = result["decode_roofline_tokens_per_s"]
@@ -245,15 +370,24 @@ def print_report(result: dict) -> None:
           f"(meta + {result['max_model_len']} tokens); decode roofline {roofline:.0f} tokens/s "
           f"(weight bytes / copy bandwidth)")  # fmt: skip
     for name, p in paths.items():
-        fractions = ", ".join(
-            f"{c}: {p['decode_tokens_per_s'][c]['median'] / roofline:.1%}" for c in result["contexts"]
+        for mode, key in (("CUDA graph", "graph_decode_tokens_per_s"), ("eager", "decode_tokens_per_s")):
+            if p[key]:
+                fractions = ", ".join(f"{c}: {p[key][c]['median'] / roofline:.1%}" for c in result["contexts"])
+                print(f"  {name}, {mode}: fraction of the decode roofline reached {fractions}")
+    for split in result["decode_split"]:
+        parts = ", ".join(f"{k} {v * 1e6:.0f}" for k, v in split["parts_s"].items())
+        gemv_bw = result["weight_bytes"] / split["parts_s"]["gemv"] / 1e12
+        print(
+            f"\ndecode step at {split['context']} tokens through the graph: {split['graph_step_s'] * 1e6:.0f} us = "
+            f"kernels ({parts} us) + gaps between kernels {split['gaps_s'] * 1e6:.0f} us; "
+            f"{split['kernels_per_step']:.0f} kernels per step; the GEMVs move the weights at {gemv_bw:.2f} TB/s"
         )
-        print(f"  {name}: fraction of the decode roofline reached {fractions}")
     if result["kernels"]:
         print("\n| kernel | floor (us) | Triton (us) | fraction of floor | twin (us) |\n|---|---|---|---|---|")
         for r in result["kernels"]:
-            print(f"| {r['kernel']} | {r['floor_s'] * 1e6:.1f} | {r['triton_s'] * 1e6:.1f} | "
-                  f"{r['fraction_of_floor']:.1%} | {r['twin_s'] * 1e6:.1f} |")  # fmt: skip
+            twin = "-" if r["twin_s"] is None else f"{r['twin_s'] * 1e6:.1f}"
+            print(f"| {r['kernel']}{' (in a graph)' if r['in_cuda_graph'] else ''} | {r['floor_s'] * 1e6:.1f} | "
+                  f"{r['triton_s'] * 1e6:.1f} | {r['fraction_of_floor']:.1%} | {twin} |")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,17 +410,21 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth, matmul_rate = ceilings(device)
     tensors = random_weights(config, device, dtype)
     weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    max_model_len = max(*args.prompt_lengths, *(c + 3 + DECODE_STEPS * args.runs for c in args.contexts))
+    max_model_len = max(*args.prompt_lengths, *(c + 4 + GRAPH_DECODE_STEPS * args.runs for c in args.contexts))
     model = HymbaForCausalLM.from_tensors(config, tensors, config.num_memory_tokens + max_model_len)
     state = DecodeState(config, max_model_len, device, dtype)
     model.prefill_meta_tokens(state)
+    graph = DecodeGraph(model, state)
 
     result = {
         "device": torch.cuda.get_device_name(device), "dtype": args.dtype, "config": str(args.config or "Hymba-1.5B"),
         "copy_bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": matmul_rate, "weight_bytes": weight_bytes,
         "state_bytes": state.nbytes, "max_model_len": max_model_len, "prompt_lengths": args.prompt_lengths,
         "contexts": args.contexts, "decode_roofline_tokens_per_s": bandwidth / weight_bytes,
-        "paths": {"triton": bench_path(model, state, args, True), "twins": bench_path(model, state, args, False)},
+        "paths": {
+            "triton": bench_path(model, state, args, True, graph), "twins": bench_path(model, state, args, False)
+        },
+        "decode_split": [decode_split(model, state, graph, c) for c in args.contexts],
         "kernels": [] if args.no_kernels else kernel_rows(device, dtype, bandwidth, matmul_rate),
     }  # fmt: skip
     kernels.use_triton(True)

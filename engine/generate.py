@@ -2,7 +2,9 @@
 
 Engine.generate(request, should_stop) runs prefill, then decode until max_tokens, EOS, a stop id, a stop string,
 the context limit or cancellation, yielding TokenEvents. Synchronous and single-request (batch size 1): the server
-runs one Engine per device in its own worker thread.
+runs one Engine per device in its own worker thread. On CUDA each decode step is one CUDA graph replay
+(engine/graph.py), and the loop queues step t+1 on the GPU before it reads token t back, so detokenizing, stop
+checks and handing the event to the server happen while the GPU computes the next token.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from engine import sampling
 from engine.api import EngineError, FinishReason, GenerationRequest, SamplingParams, TokenEvent
 from engine.config import HymbaConfig
+from engine.graph import DecodeGraph
 from engine.loader import load_model
 from engine.model import HymbaForCausalLM
 from engine.state import DecodeState
@@ -47,8 +50,11 @@ class Engine:
         defaults: dict[str, Any],
         eos_token_ids: tuple[int, ...],
         load_seconds: float,
+        graph: DecodeGraph | None = None,
     ):
         self.model_dir, self.config, self.model, self.state = model_dir, config, model, state
+        self.graph = graph
+        self._reader = _TokenReader(state.pos.device)
         self.tokenizer, self.defaults, self.eos_token_ids = tokenizer, defaults, eos_token_ids
         self.model_name = model_dir.resolve().name
         self.max_model_len = state.max_positions - config.num_memory_tokens
@@ -58,10 +64,16 @@ class Engine:
 
     @classmethod
     def load(
-        cls, model_dir: str | Path, device: str = "auto", dtype: str | None = None, max_model_len: int | None = None
+        cls,
+        model_dir: str | Path,
+        device: str = "auto",
+        dtype: str | None = None,
+        max_model_len: int | None = None,
+        cuda_graph: bool = True,
     ) -> Engine:
         """Load a Hugging Face Hymba folder. Raises ConfigError / CheckpointError / TokenizerError / ValueError,
-        each with a one-line message naming the file and the field."""
+        each with a one-line message naming the file and the field. On CUDA the decode step is captured as a
+        CUDA graph unless cuda_graph is False (then every step launches its kernels eagerly)."""
         start = time.perf_counter()
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -69,8 +81,9 @@ class Engine:
         defaults, gen_eos = _read_generation_config(model_dir / "generation_config.json")  # small files first:
         tokenizer = Tokenizer.from_dir(model_dir)  # a bad one fails before the weights are read
         config, model, state = load_model(model_dir, device, dtype, max_model_len)
+        graph = DecodeGraph(model, state) if cuda_graph and state.pos.is_cuda else None
         eos = tuple(dict.fromkeys(config.eos_token_id + gen_eos))
-        return cls(model_dir, config, model, state, tokenizer, defaults, eos, time.perf_counter() - start)
+        return cls(model_dir, config, model, state, tokenizer, defaults, eos, time.perf_counter() - start, graph)
 
     def generate(
         self,
@@ -111,6 +124,8 @@ class Engine:
 
     def _generate(self, prompt: tuple[int, ...], params: SamplingParams, should_stop: Callable[[], bool]):
         device, n = self.state.ssm.device, len(prompt)
+        if device.type == "cuda":  # this thread's current device: graph replay and events use its stream
+            torch.cuda.set_device(device)
         self.state.reset()
         ids = torch.tensor(prompt, dtype=torch.int64, device=device)
         logits = self.model.prefill(ids, self.state, all_logits=params.prompt_logprobs is not None)
@@ -133,12 +148,19 @@ class Engine:
         while True:
             is_early = num_generated < params.min_tokens
             token = sampling.sample(logits, params, penalties, generator, suppress_ids=suppress if is_early else None)
-            token_id = int(token)  # the one host sync per step
-            if token_id == sampling.INVALID_TOKEN_ID:
-                raise EngineError(f"the model produced non-finite logits at generated token {num_generated}")
-            penalties.update(token)
+            self._reader.start(token)
             num_generated += 1
-            logprob = sampling.token_logprob(logits, token_id, params.logprobs) if params.logprobs is not None else None
+            # a graph's logits buffer is overwritten by the next step, queued below before this token is scored
+            scored = logits.clone() if params.logprobs is not None and self.graph is not None else logits
+            if num_generated < params.max_tokens and n + num_generated < self.max_model_len:
+                # Queue the next step before reading this token: if it turns out to end the request, one step was
+                # computed for nothing; a -1 (INVALID_TOKEN_ID) is clamped on the device and raised below.
+                penalties.update(token.clamp_min(0))
+                logits = (self.graph or self.model).decode(token, self.state)
+            token_id = self._reader.result()
+            if token_id == sampling.INVALID_TOKEN_ID:
+                raise EngineError(f"the model produced non-finite logits at generated token {num_generated - 1}")
+            logprob = sampling.token_logprob(scored, token_id, params.logprobs) if params.logprobs is not None else None
 
             finish = None
             if token_id in stop_ids and not is_early:  # the stop token's own text is not part of the output
@@ -166,7 +188,33 @@ class Engine:
                     num_completion_tokens=num_generated,
                 )
                 return
-            logits = self.model.decode(token, self.state)
+
+
+class _TokenReader:
+    """Reads a sampled token id back to the host without waiting for GPU work queued after it: a non-blocking copy
+    into pinned memory, then a wait on an event recorded right behind that copy (int(token) would wait for the
+    whole stream, including the next step)."""
+
+    def __init__(self, device: torch.device):
+        self.is_cuda = device.type == "cuda"
+        if self.is_cuda:
+            self.device = device
+            self.host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+            self.event = torch.cuda.Event()
+        self.value = 0
+
+    def start(self, token: torch.Tensor) -> None:
+        if self.is_cuda:
+            self.host.copy_(token.view(1), non_blocking=True)
+            self.event.record(torch.cuda.current_stream(self.device))
+        else:
+            self.value = int(token)
+
+    def result(self) -> int:
+        if self.is_cuda:
+            self.event.synchronize()
+            return int(self.host[0])
+        return self.value
 
 
 def _drain(matcher: StopMatcher, detokenizer) -> tuple[str, bool]:

@@ -2,8 +2,10 @@
 
 Two entry points, both writing into the state in place:
   prefill(ids, state): prompt tokens, chunk by chunk, with the prefill window rule (spec 7.1);
-  decode(token, state): one generated token, with the decode window rule (spec 7.2).
-The heavy ops come from kernels/ (Triton on CUDA, PyTorch twins elsewhere).
+  decode(token, state): one generated token, with the decode window rule (spec 7.2); its device half,
+  decode_step, is what engine/graph.py captures as one CUDA graph.
+The heavy ops come from kernels/ (Triton on CUDA, PyTorch twins elsewhere). Prefill runs matrix-matrix products;
+decode runs batch-1 matrix-vector kernels with the norms, activations and residual adds fused in.
 
 Precision: weights, the KV cache and the operands of every matrix product are in the serving dtype (bf16 on CUDA);
 activations between ops and the residual stream stay fp32. At batch 1 this costs no bandwidth, and it keeps a bf16
@@ -96,53 +98,65 @@ class HybridMixer(nn.Module):
         self.A = -torch.exp(self.A_log[0].float())  # (I, N) fp32
         self.conv_weight = self.conv1d.weight[:, 0, :].float()  # (I, K) fp32
 
-    def forward(self, a, state: DecodeState, start: int, is_decode: bool, stash: dict, cos, sin) -> torch.Tensor:
-        """a: (T, D) normalized input for positions start .. start+T-1; returns (T, D)."""
+    def forward(self, a, state: DecodeState, start: int, stash: dict, cos, sin) -> torch.Tensor:
+        """Prefill. a: (T, D) normalized input for positions start .. start+T-1; returns (T, D)."""
         T = a.shape[0]
         i, H, Hk, dq = self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim
         q, kv, x, z = linear(a, self.in_proj.weight, self.in_proj.bias).split(self.splits, dim=-1)  # fp32
         kv_dtype = state.k[self.producer].dtype
         q = apply_rope(q.view(T, H, dq), cos, sin).to(kv_dtype)  # (T, H, dq)
-        if self.is_producer:
+
+        # --- attention heads ---
+        if self.is_producer:  # consumers of this layer reuse exactly this key set in this call (spec 6.3)
             k, v = kv.split([Hk * dq, Hk * self.v_head_dim], dim=-1)
             k = apply_rope(k.view(T, Hk, dq), cos, sin).transpose(0, 1).to(kv_dtype)  # (Hk, T, dq), post-RoPE (Q4)
             v = v.view(T, Hk, self.v_head_dim).transpose(0, 1).to(kv_dtype)  # (Hk, T, dv)
-
-        # --- attention heads ---
-        if is_decode:
-            if self.is_producer:
-                state.write_kv(i, start, k, v)  # overwrites the position `window` back: decode sees W keys (7.2)
-            num_valid = state.num_valid(self.producer, start + 1)
-            attn = kernels.attention_decode(q[0], state.k[self.producer], state.v[self.producer], num_valid)
-        else:
-            if self.is_producer:  # consumers of this layer reuse exactly this key set in this call (spec 6.3)
-                hk, hv, hpos = state.history(i, start, self.window)
-                new_pos = torch.arange(start, start + T, device=a.device)
-                stash[i] = (torch.cat([hk, k], 1), torch.cat([hv, v], 1), torch.cat([hpos, new_pos]))
-                state.write_kv(i, start, k, v)
-            keys, values, k_pos = stash[self.producer]
-            q_pos = torch.arange(start, start + T, device=a.device)
-            attn = kernels.attention_prefill(q, keys, values, q_pos, k_pos, self.window, self.num_meta)
+            hk, hv, hpos = state.history(i, start, self.window)
+            new_pos = torch.arange(start, start + T, device=a.device)
+            stash[i] = (torch.cat([hk, k], 1), torch.cat([hv, v], 1), torch.cat([hpos, new_pos]))
+            state.write_kv(i, start, k, v)
+        keys, values, k_pos = stash[self.producer]
+        q_pos = torch.arange(start, start + T, device=a.device)
+        attn = kernels.attention_prefill(q, keys, values, q_pos, k_pos, self.window, self.num_meta)
 
         # --- SSM heads ---
-        conv_state, ssm_state = state.conv[i], state.ssm[i]
-        if is_decode:
-            u = kernels.causal_conv1d_update(x[0], self.conv_weight, self.conv1d.bias, conv_state).unsqueeze(0)
-        else:
-            u = kernels.causal_conv1d(x, self.conv_weight, self.conv1d.bias, conv_state)  # (T, I)
+        u = kernels.causal_conv1d(x, self.conv_weight, self.conv1d.bias, state.conv[i])  # (T, I)
         dt, B, C = linear(u, self.x_proj[0].weight).split(self.ssm_splits, dim=-1)
         if self.inner_norms:
             dt, B, C = self.dt_layernorm(dt), self.B_layernorm(B), self.C_layernorm(C)
         dt = linear(dt, self.dt_proj[0].weight)  # its bias is added in fp32 inside the softplus (Q8)
-        dt_bias, D = self.dt_proj[0].bias, self.D[0]
-        if is_decode:
-            y = kernels.ssm_update(ssm_state, u[0], dt[0], self.A, B[0], C[0], D, z[0], dt_bias).unsqueeze(0)
-        else:
-            y = kernels.selective_scan(u, dt, self.A, B, C, D, z, dt_bias, ssm_state)  # (T, I)
+        y = kernels.selective_scan(u, dt, self.A, B, C, self.D[0], z, self.dt_proj[0].bias, state.ssm[i])  # (T, I)
 
         norm1, norm2 = self.pre_avg_layernorm1, self.pre_avg_layernorm2
         mixed = kernels.rms_norm_average(attn.reshape(T, -1), y, norm1.weight, norm2.weight, norm1.eps)
         return linear(mixed, self.out_proj.weight, self.out_proj.bias)
+
+    def decode_attention(self, proj, state: DecodeState, indices: dict, cos, sin) -> torch.Tensor:
+        """Decode, the attention heads for one token from its in_proj output proj (fp32, q | k v | x | z).
+
+        Device work only (no host values that change per token), so a CUDA graph can capture it, as for
+        decode_ssm. Returns (H * dv,) in the KV dtype."""
+        k_buf, v_buf = state.k[self.producer], state.v[self.producer]
+        q = torch.empty(self.num_heads, self.head_dim, dtype=k_buf.dtype, device=proj.device)
+        slot, num_valid = indices[self.producer]
+        if self.is_producer:  # writes the position `window` back's slot: decode sees exactly W keys (7.2)
+            kernels.rope_decode(proj, state.pos, cos, sin, q, k_buf, v_buf, slot)
+        else:
+            kernels.rope_decode(proj, state.pos, cos, sin, q, None, None, None)
+        return kernels.attention_decode(q, k_buf, v_buf, num_valid).view(-1)
+
+    def decode_ssm(self, proj, state: DecodeState) -> torch.Tensor:
+        """Decode, the SSM heads for one token from its in_proj output; returns the gated output (d_inner,) fp32."""
+        i = self.layer_idx
+        _, _, x, z = proj.split(self.splits)
+        u = kernels.causal_conv1d_update(x, self.conv_weight, self.conv1d.bias, state.conv[i])
+        dbc = kernels.gemv(u, self.x_proj[0].weight)
+        norms = None
+        if self.inner_norms:
+            norms = (self.dt_layernorm.weight, self.B_layernorm.weight, self.C_layernorm.weight)
+        eps = self.pre_avg_layernorm1.eps
+        dt_proj = self.dt_proj[0]
+        return kernels.ssm_update(state.ssm[i], u, dbc, dt_proj.weight, dt_proj.bias, self.A, self.D[0], z, norms, eps)
 
 
 class MLP(nn.Module):
@@ -181,9 +195,34 @@ class HymbaLayer(nn.Module):
         self.pre_moe_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.moe = MoE(c)
 
-    def forward(self, h, state, start, is_decode, stash, cos, sin) -> torch.Tensor:
-        h = h + self.mamba(self.input_layernorm(h), state, start, is_decode, stash, cos, sin)
+    def forward(self, h, state, start, stash, cos, sin) -> torch.Tensor:
+        """Prefill: h (T, D) -> (T, D)."""
+        h = h + self.mamba(self.input_layernorm(h), state, start, stash, cos, sin)
         return h + self.moe(self.pre_moe_layernorm(h))
+
+    def decode(self, h: torch.Tensor, state: DecodeState, indices: dict, cos, sin, side_stream=None) -> None:
+        """Decode: h (D,) fp32, updated in place. Each norm runs inside the matrix-vector product after it and
+        each residual add inside the one before it (kernels/gemv.py): ten launches per layer. With a side stream
+        (CUDA) the SSM heads' three small kernels run beside the attention heads' three: at batch 1 each is a few
+        µs of mostly latency, and the two chains only meet at out_proj."""
+        mixer, mlp, eps = self.mamba, self.moe.experts[0], self.input_layernorm.eps
+        proj = kernels.norm_gemv(h, self.input_layernorm.weight, eps, mixer.in_proj.weight, mixer.in_proj.bias)
+        if side_stream is None:
+            attn = mixer.decode_attention(proj, state, indices, cos, sin)
+            y = mixer.decode_ssm(proj, state)
+        else:
+            main = torch.cuda.current_stream()
+            side_stream.wait_stream(main)
+            with torch.cuda.stream(side_stream):
+                y = mixer.decode_ssm(proj, state)
+            attn = mixer.decode_attention(proj, state, indices, cos, sin)
+            main.wait_stream(side_stream)  # fork and join within the layer keep every buffer's reuse ordered
+        norm1, norm2 = mixer.pre_avg_layernorm1, mixer.pre_avg_layernorm2
+        kernels.norm_average_gemv(attn, y, norm1.weight, norm2.weight, eps, mixer.out_proj.weight, mixer.out_proj.bias,
+                                  residual=h, out=h)  # fmt: skip
+        gate = mlp.gate_proj.weight if mlp.is_gated else None
+        act = kernels.mlp_gemv(h, self.pre_moe_layernorm.weight, eps, gate, mlp.up_proj.weight)
+        kernels.gemv(act, mlp.down_proj.weight, residual=h, out=h)
 
 
 class HymbaBackbone(nn.Module):
@@ -216,6 +255,7 @@ class HymbaForCausalLM(nn.Module):
         for layer in model.model.layers:
             layer.mamba.prepare()
         model.cos, model.sin = rope_tables(config, max_positions, model.model.embed_tokens.weight.device)
+        model.side_stream = None  # decode's second CUDA stream, made on first use
         return model
 
     @property
@@ -227,7 +267,7 @@ class HymbaForCausalLM(nn.Module):
         """Run the meta tokens through an empty state and keep the result as every request's start (spec 8)."""
         state.clear()
         if self.config.num_memory_tokens:
-            self._run(self.model.memory_tokens.float(), state, is_decode=False)
+            self._run(self.model.memory_tokens.float(), state)
         state.save_snapshot()
 
     @torch.no_grad()
@@ -241,20 +281,41 @@ class HymbaForCausalLM(nn.Module):
         assert ids.ndim == 1 and ids.numel() > 0, "prefill needs at least one token"
         rows = []
         for c0 in range(0, ids.numel(), chunk_size):
-            h = self._run(self._embed(ids[c0 : c0 + chunk_size]), state, is_decode=False)
+            h = self._run(self._embed(ids[c0 : c0 + chunk_size]), state)
             rows.append(self._logits(h if all_logits else h[-1:]))
         return torch.cat(rows) if all_logits else rows[-1][0]
 
     @torch.no_grad()
     def decode(self, token: torch.Tensor, state: DecodeState) -> torch.Tensor:
         """One generated token (0-d or (1,) int64) at position state.num_tokens; returns (V,) fp32 logits."""
-        h = self._run(self._embed(token.view(1)), state, is_decode=True)
-        return self._logits(h)[0]
+        if state.num_tokens >= state.max_positions:
+            raise ValueError(f"position {state.num_tokens} is past the context limit ({state.max_positions} positions)")
+        logits = self.decode_step(token, state)
+        state.num_tokens += 1
+        return logits
+
+    @torch.no_grad()
+    def decode_step(self, token: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """decode() without the host's bookkeeping: device work only, reading the position from state.pos and
+        advancing it, so engine/graph.py captures it once as a CUDA graph. The caller keeps state.num_tokens and
+        checks the context limit. An out-of-vocabulary id (the sampler's -1) is clamped rather than faulting the
+        device: the engine discards such a step."""
+        ids = token.view(1).clamp(0, self.config.vocab_size - 1)
+        h = F.embedding(ids, self.model.embed_tokens.weight)[0].float()  # (D,) fp32 residual stream
+        indices = state.decode_indices()
+        if h.is_cuda and self.side_stream is None:
+            self.side_stream = torch.cuda.Stream(h.device)
+        for layer in self.model.layers:
+            layer.decode(h, state, indices, self.cos, self.sin, self.side_stream if h.is_cuda else None)
+        norm = self.model.final_layernorm
+        logits = kernels.norm_gemv(h, norm.weight, norm.eps, self.lm_head_weight)
+        state.pos += 1
+        return logits
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.model.embed_tokens.weight).float()  # (T, D) fp32 residual stream
 
-    def _run(self, h: torch.Tensor, state: DecodeState, is_decode: bool) -> torch.Tensor:
+    def _run(self, h: torch.Tensor, state: DecodeState) -> torch.Tensor:
         """h: (T, D) embeddings of positions state.num_tokens ...; returns the final hidden states (T, D)."""
         start, T = state.num_tokens, h.shape[0]
         if start + T > state.max_positions:
@@ -262,8 +323,8 @@ class HymbaForCausalLM(nn.Module):
         cos, sin = self.cos[start : start + T], self.sin[start : start + T]
         stash: dict = {}  # producer layer -> (keys, values, key positions) of this prefill call
         for layer in self.model.layers:
-            h = layer(h, state, start, is_decode, stash, cos, sin)
-        state.num_tokens = start + T
+            h = layer(h, state, start, stash, cos, sin)
+        state.set_num_tokens(start + T)
         return h
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:

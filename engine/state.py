@@ -34,6 +34,8 @@ class DecodeState:
             self.k[i] = torch.zeros(Hk, capacity, config.head_dim, dtype=dtype, device=device)
             self.v[i] = torch.zeros(Hk, capacity, config.v_head_dim, dtype=dtype, device=device)
         self.num_tokens = 0  # positions processed so far, meta tokens included: the next token's position
+        # the same count on the device, which a captured decode step reads and advances (the host never does there)
+        self.pos = torch.zeros(1, dtype=torch.int64, device=device)
         self._snapshot: tuple[torch.Tensor, torch.Tensor, dict, dict] | None = None
 
     @property
@@ -62,13 +64,18 @@ class DecodeState:
         for i in self.k:
             self.k[i][:, : self.num_meta].copy_(k[i])
             self.v[i][:, : self.num_meta].copy_(v[i])
-        self.num_tokens = self.num_meta
+        self.set_num_tokens(self.num_meta)
 
     def clear(self) -> None:
         """Empty state (before the meta tokens), used once to build the snapshot."""
         self.conv.zero_()
         self.ssm.zero_()
-        self.num_tokens = 0
+        self.set_num_tokens(0)
+
+    def set_num_tokens(self, n: int) -> None:
+        """After a reset or a prefill: the host count, and its device copy (written without a sync)."""
+        self.num_tokens = n
+        self.pos.fill_(n)
 
     # --- position -> slot arithmetic ---
 
@@ -83,6 +90,18 @@ class DecodeState:
     def num_valid(self, layer_idx: int, num_positions: int) -> int:
         """Filled slots once positions [0, num_positions) are written."""
         return min(num_positions, self.k[layer_idx].shape[1])
+
+    def decode_indices(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per KV-producing layer: (slot, filled slots) for a decode step at position self.pos, as (1,) int64
+        device tensors computed on the device (a CUDA graph captures this). Layers of one shape share them."""
+        shared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        indices = {}
+        for i, window in self.window.items():
+            capacity = self.k[i].shape[1]
+            if (window, capacity) not in shared:
+                shared[window, capacity] = (self.slots(i, self.pos), (self.pos + 1).clamp_max(capacity))
+            indices[i] = shared[window, capacity]
+        return indices
 
     def write_kv(self, layer_idx: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K/V of positions start .. start+T-1.  k: (Hk, T, dq), v: (Hk, T, dv)."""

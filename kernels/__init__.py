@@ -11,7 +11,9 @@ from torch import Tensor
 
 from kernels import attention as _attention
 from kernels import causal_conv1d as _conv
+from kernels import gemv as _gemv
 from kernels import rms_norm as _norm
+from kernels import rope as _rope
 from kernels import selective_scan as _scan
 from kernels import ssm_update as _update
 from kernels._triton import HAS_TRITON
@@ -38,11 +40,20 @@ def selective_scan(
 
 
 def ssm_update(
-    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, dt_bias: Tensor
+    state: Tensor,
+    x: Tensor,
+    dbc: Tensor,
+    dt_weight: Tensor,
+    dt_bias: Tensor,
+    A: Tensor,
+    D: Tensor,
+    z: Tensor,
+    norm_weights: tuple[Tensor, Tensor, Tensor] | None,
+    eps: float,
 ) -> Tensor:
     if _on_triton(x):
-        return _update.ssm_update(state, x, dt, A, B, C, D, z, dt_bias)
-    return _update.ssm_update_ref(state, x, dt, A, B, C, D, z, dt_bias)
+        return _update.ssm_update(state, x, dbc, dt_weight, dt_bias, A, D, z, norm_weights, eps)
+    return _update.ssm_update_ref(state, x, dbc, dt_weight, dt_bias, A, D, z, norm_weights, eps)
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor) -> Tensor:
@@ -83,13 +94,61 @@ def rms_norm_average(a: Tensor, b: Tensor, weight_a: Tensor, weight_b: Tensor, e
     return _norm.rms_norm_average_ref(a, b, weight_a, weight_b, eps)
 
 
+def rope_decode(
+    qkv: Tensor,
+    pos: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    q_out: Tensor,
+    k_buf: Tensor | None,
+    v_buf: Tensor | None,
+    slot: Tensor | None,
+) -> Tensor:
+    if _on_triton(qkv):
+        return _rope.rope_decode(qkv, pos, cos, sin, q_out, k_buf, v_buf, slot)
+    return _rope.rope_decode_ref(qkv, pos, cos, sin, q_out, k_buf, v_buf, slot)
+
+
+def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, residual: Tensor | None = None,
+         out: Tensor | None = None) -> Tensor:  # fmt: skip
+    if _on_triton(x):
+        return _gemv.gemv(x, weight, bias, residual=residual, out=out)
+    return _gemv.gemv_ref(x, weight, bias, residual=residual, out=out)
+
+
+def norm_gemv(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    if _on_triton(x):
+        return _gemv.norm_gemv(x, norm_weight, eps, weight, bias)
+    return _gemv.norm_gemv_ref(x, norm_weight, eps, weight, bias)
+
+
+def norm_average_gemv(
+    a: Tensor, b: Tensor, weight_a: Tensor, weight_b: Tensor, eps: float, weight: Tensor, bias: Tensor | None,
+    *, residual: Tensor | None = None, out: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    if _on_triton(a):
+        return _gemv.norm_average_gemv(a, b, weight_a, weight_b, eps, weight, bias, residual=residual, out=out)
+    return _gemv.norm_average_gemv_ref(a, b, weight_a, weight_b, eps, weight, bias, residual=residual, out=out)
+
+
+def mlp_gemv(x: Tensor, norm_weight: Tensor, eps: float, gate_weight: Tensor | None, up_weight: Tensor) -> Tensor:
+    if _on_triton(x):
+        return _gemv.mlp_gemv(x, norm_weight, eps, gate_weight, up_weight)
+    return _gemv.mlp_gemv_ref(x, norm_weight, eps, gate_weight, up_weight)
+
+
 __all__ = [
     "attention_decode",
     "attention_prefill",
     "causal_conv1d",
     "causal_conv1d_update",
+    "gemv",
+    "mlp_gemv",
+    "norm_average_gemv",
+    "norm_gemv",
     "rms_norm",
     "rms_norm_average",
+    "rope_decode",
     "selective_scan",
     "ssm_update",
     "use_triton",

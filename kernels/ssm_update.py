@@ -1,8 +1,13 @@
-"""One decode step of the selective SSM for one request, updating its state in place.
+"""One decode step of the SSM heads for one request, from the x_proj output on, updating the state in place.
 
-state <- exp(delta*A) * state + (delta*x) outer B;   y = state @ C + D*x;   out = y * silu(z)
-with delta = softplus(dt + dt_bias) in fp32 (spec 6.4, quirk Q8). Triton kernel + launcher ssm_update for CUDA (and
-TRITON_INTERPRET=1); ssm_update_ref is the PyTorch twin.
+    dt, B, C = split(dbc, [R, N, N]);  with inner norms: dt, B, C = rms_norm(dt), rms_norm(B), rms_norm(C)
+    delta = softplus(dt_proj_weight @ dt + dt_bias)          (the bias added in fp32 inside: spec 6.4, quirk Q8)
+    state <- exp(delta*A) * state + (delta*x) outer B;   y = state @ C + D*x;   out = y * silu(z)
+
+At batch 1 each of these is a tiny op, so one launch does them all (issue 5): every program recomputes the three
+small norms (R + 2N floats) and owns BLOCK_D channels' rows of dt_proj and of the state. Roundings as in
+engine/model.py: norms in fp32, the dt operand rounded once to dt_proj's dtype, fp32 accumulation and state.
+Triton kernel + launcher ssm_update for CUDA (and TRITON_INTERPRET=1); ssm_update_ref is the PyTorch twin.
 """
 
 from __future__ import annotations
@@ -26,23 +31,39 @@ def softplus(y):
 
 
 @triton.jit
+def _load_normed(ptr, norm_w_ptr, offs, n, eps, HAS_NORM: tl.constexpr):
+    v = tl.load(ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        w = tl.load(norm_w_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        v = v * tl.rsqrt(tl.sum(v * v, axis=0) / n + eps) * w
+    return v
+
+
+@triton.jit
 def _ssm_update_kernel(
-    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, out_ptr,  # pointers
-    d_inner, d_state,  # sizes
-    stride_state_d, stride_A_d,  # strides, in elements (vectors are contiguous)
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,  # meta
+    state_ptr, x_ptr, dbc_ptr, dt_w_ptr, dt_bias_ptr, A_ptr, D_ptr, z_ptr,  # pointers
+    dt_norm_ptr, B_norm_ptr, C_norm_ptr, out_ptr,
+    d_inner, d_state, dt_rank, eps,  # sizes
+    stride_state_d, stride_A_d, stride_dt_w,  # strides, in elements (vectors are contiguous)
+    HAS_NORMS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,  # meta
 ):  # fmt: skip
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # the channels this program owns
     offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
     mask_d = offs_d < d_inner
     mask_dn = mask_d[:, None] & (offs_n[None, :] < d_state)
 
+    dt_low = _load_normed(dbc_ptr, dt_norm_ptr, offs_r, dt_rank, eps, HAS_NORMS)  # (BLOCK_R,)
+    B = _load_normed(dbc_ptr + dt_rank, B_norm_ptr, offs_n, d_state, eps, HAS_NORMS)  # (BLOCK_N,)
+    C = _load_normed(dbc_ptr + dt_rank + d_state, C_norm_ptr, offs_n, d_state, eps, HAS_NORMS)
+    dt_low = dt_low.to(dt_w_ptr.dtype.element_ty).to(tl.float32)  # the operand rounding of dt_proj
+    dt_w = tl.load(dt_w_ptr + offs_d[:, None] * stride_dt_w + offs_r[None, :],
+                   mask=mask_d[:, None] & (offs_r < dt_rank)[None, :], other=0.0)  # fmt: skip
+    dt = tl.sum(dt_w.to(tl.float32) * dt_low[None, :], axis=1)  # (BLOCK_D,) fp32
+    delta = softplus(dt + tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0))  # bias added in fp32 (Q8)
+
     x = tl.load(x_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
     z = tl.load(z_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    dt = tl.load(dt_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    delta = softplus(dt + tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0))  # bias added in fp32 (Q8)
-    B = tl.load(B_ptr + offs_n, mask=offs_n < d_state, other=0.0).to(tl.float32)  # (BLOCK_N,)
-    C = tl.load(C_ptr + offs_n, mask=offs_n < d_state, other=0.0).to(tl.float32)
     A = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :], mask=mask_dn, other=0.0)  # (BLOCK_D, BLOCK_N)
     p_state = state_ptr + offs_d[:, None] * stride_state_d + offs_n[None, :]
     state = tl.load(p_state, mask=mask_dn, other=0.0)
@@ -57,33 +78,38 @@ def _ssm_update_kernel(
 def ssm_update(
     state: torch.Tensor,
     x: torch.Tensor,
-    dt: torch.Tensor,
+    dbc: torch.Tensor,
+    dt_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
     A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
     D: torch.Tensor,
     z: torch.Tensor,
-    dt_bias: torch.Tensor,
+    norm_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    eps: float = 0.0,
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Advance `state` by one token in place and return the gated output.
 
-    state: (d, N) fp32     x, dt, z: (d,) activation dtype     A: (d, N) fp32     B, C: (N,)
-    D, dt_bias: (d,) fp32  returns out: (d,) in x.dtype (written into `out` if given)
+    state: (d, N) fp32      x, z: (d,) activation dtype (the conv output and the gate)
+    dbc: (R + 2N,) the x_proj output [dt | B | C]     dt_weight: (d, R) dt_proj's weight     dt_bias, D: (d,) fp32
+    A: (d, N) fp32          norm_weights: the dt, B and C RMSNorm weights (R,), (N,), (N,), or None for no norms
+    returns out: (d,) in x.dtype (written into `out` if given)
     """
     d, N = state.shape
+    R = dt_weight.shape[1]
     assert state.dtype == torch.float32 and state.stride(1) == 1 and A.stride(1) == 1, "state, A: fp32 rows"
-    for name, t, n in (("x", x, d), ("dt", dt, d), ("z", z, d), ("D", D, d), ("dt_bias", dt_bias, d),
-                       ("B", B, N), ("C", C, N)):  # fmt: skip
+    assert dt_weight.shape == (d, R) and dt_weight.stride(1) == 1, f"dt_weight {tuple(dt_weight.shape)}"
+    for name, t, n in (("x", x, d), ("z", z, d), ("D", D, d), ("dt_bias", dt_bias, d), ("dbc", dbc, R + 2 * N)):
         assert t.shape == (n,) and t.stride(0) == 1, f"{name}: expected contiguous ({n},), got {tuple(t.shape)}"
+    norm_dt, norm_B, norm_C = (dbc, dbc, dbc) if norm_weights is None else norm_weights
     out = torch.empty_like(x) if out is None else out
-    grid = (triton.cdiv(d, BLOCK_D),)
-    _ssm_update_kernel[grid](
-        state, x, dt, A, B, C, D, z, dt_bias, out,
-        d, N,
-        state.stride(0), A.stride(0),
-        BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(N),
+    _ssm_update_kernel[(triton.cdiv(d, BLOCK_D),)](
+        state, x, dbc, dt_weight, dt_bias, A, D, z, norm_dt, norm_B, norm_C, out,
+        d, N, R, eps,
+        state.stride(0), A.stride(0), dt_weight.stride(0),
+        HAS_NORMS=norm_weights is not None, BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(N),
+        BLOCK_R=triton.next_power_of_2(R),
     )  # fmt: skip
     return out
 
@@ -91,20 +117,32 @@ def ssm_update(
 def ssm_update_ref(
     state: torch.Tensor,
     x: torch.Tensor,
-    dt: torch.Tensor,
+    dbc: torch.Tensor,
+    dt_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
     A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
     D: torch.Tensor,
     z: torch.Tensor,
-    dt_bias: torch.Tensor,
+    norm_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    eps: float = 0.0,
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as ssm_update, written to be read: fp32 math, one line per equation."""
+    R, N = dt_weight.shape[1], state.shape[1]
+    dt, B, C = dbc.float().split([R, N, N])
+    if norm_weights is not None:
+        dt, B, C = (
+            w.float() * (v * torch.rsqrt(v.pow(2).mean() + eps)) for v, w in zip((dt, B, C), norm_weights, strict=True)
+        )
+    dt = dt.to(dt_weight.dtype)
+    if dt.is_cuda and dt_weight.dtype != torch.float32:
+        dt = torch.mm(dt.view(1, -1), dt_weight.t(), out_dtype=torch.float32).view(-1)
+    else:
+        dt = F.linear(dt, dt_weight).float()
     xf = x.float()
-    delta = F.softplus(dt.float() + dt_bias)  # (d,)
-    state.mul_(torch.exp(delta.unsqueeze(1) * A)).add_((delta * xf).unsqueeze(1) * B.float())
-    y = state @ C.float() + D * xf  # (d,)
+    delta = F.softplus(dt + dt_bias)  # (d,)
+    state.mul_(torch.exp(delta.unsqueeze(1) * A)).add_((delta * xf).unsqueeze(1) * B)
+    y = state @ C + D * xf  # (d,)
     result = (y * F.silu(z.float())).to(x.dtype)
     return result if out is None else out.copy_(result)

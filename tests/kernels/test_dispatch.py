@@ -19,6 +19,11 @@ FAMILIES = {
     "attention_decode": "attention",
     "rms_norm": "rms_norm",
     "rms_norm_average": "rms_norm",
+    "rope_decode": "rope",
+    "gemv": "gemv",
+    "norm_gemv": "gemv",
+    "norm_average_gemv": "gemv",
+    "mlp_gemv": "gemv",
 }
 
 
@@ -35,13 +40,19 @@ def record_calls(monkeypatch) -> list[str]:
 def call_every_op(device) -> None:
     x = torch.zeros(2, 4, device=device)
     kernels.selective_scan(x, x, x, x, x, x, x, x, x)
-    kernels.ssm_update(x, x[0], x[0], x, x[0], x[0], x[0], x[0], x[0])
+    kernels.ssm_update(x, x[0], x[0], x, x[0], x, x[0], x[0], None, 1e-6)
     kernels.causal_conv1d(x, x, None, x)
     kernels.causal_conv1d_update(x[0], x, None, x)
     kernels.attention_prefill(x[None], x[None], x[None], x[0], x[0], None, 0)
     kernels.attention_decode(x, x[None], x[None], 1)
     kernels.rms_norm(x, x[0], 1e-6)
     kernels.rms_norm_average(x, x, x[0], x[0], 1e-6)
+    pos = torch.zeros(1, dtype=torch.int64, device=device)
+    kernels.rope_decode(x[0], pos, x, x, x, x[None], x[None], pos)
+    kernels.gemv(x[0], x)
+    kernels.norm_gemv(x[0], x[0], 1e-6, x)
+    kernels.norm_average_gemv(x[0], x[0], x[0], x[0], 1e-6, x, None)
+    kernels.mlp_gemv(x[0], x[0], 1e-6, x, x)
 
 
 def test_cpu_tensors_get_the_twins_whatever_the_environment(monkeypatch):

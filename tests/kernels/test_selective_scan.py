@@ -60,9 +60,12 @@ def test_prefill_scan_equals_decode_steps(device, seed):
     inputs = make_scan_inputs(T, d, N, torch.float32, device)
     state = inputs["ssm_state"].clone()
     out = selective_scan(**inputs)
+    # The decode step takes the x_proj output and applies dt_proj itself: an fp32 identity dt_proj (rank R = d)
+    # passes the scan's dt through exactly, and no inner norms.
+    dt_weight = torch.eye(d, device=device)
     steps = [
-        ssm_update(state, inputs["u"][t], inputs["dt"][t], inputs["A"], inputs["B"][t], inputs["C"][t],
-                   inputs["D"], inputs["z"][t], inputs["dt_bias"])
+        ssm_update(state, inputs["u"][t], torch.cat([inputs["dt"][t], inputs["B"][t], inputs["C"][t]]).float(),
+                   dt_weight, inputs["dt_bias"], inputs["A"], inputs["D"], inputs["z"][t], norm_weights=None)
         for t in range(T)
     ]  # fmt: skip
     assert_close("out", out, torch.stack(steps), torch.float32)

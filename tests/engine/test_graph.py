@@ -1,0 +1,75 @@
+"""engine/graph.py: the captured decode step against the eager one, on the GPU (skipped without CUDA).
+
+The graph replays the kernels the eager step launches, in the same order, so whole generations must agree token for
+token (and logprob for logprob), including sampled ones with a seed and penalties, across the sliding window's wrap
+and across requests (the graph's buffers and the state's device position are reused)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.api import GenerationRequest, SamplingParams
+from engine.generate import Engine
+
+pytestmark = pytest.mark.gpu
+FOLDER = "tests/data/conformance/hymba-mirror-12L"  # window 16: a 200-token generation wraps its rings many times
+
+
+@pytest.fixture(scope="module")
+def engines() -> tuple[Engine, Engine]:
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a CUDA device")
+    graphed = Engine.load(FOLDER, device="cuda", dtype="bfloat16")
+    eager = Engine.load(FOLDER, device="cuda", dtype="bfloat16", cuda_graph=False)
+    assert graphed.graph is not None and eager.graph is None
+    return graphed, eager
+
+
+def run(engine: Engine, prompt, **params):
+    return list(engine.generate(GenerationRequest(tuple(prompt), SamplingParams(**params))))
+
+
+SAMPLED = dict(temperature=0.9, top_p=0.95, top_k=40, min_p=0.02, repetition_penalty=1.1, presence_penalty=0.2,
+               frequency_penalty=0.1, seed=1234, ignore_eos=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0, ignore_eos=True), SAMPLED], ids=["greedy", "sampled"])
+def test_graph_generation_equals_eager(engines, params):
+    graphed, eager = engines
+    prompt = [1, 415, 296, 90, 285, 142]
+    for _ in range(2):  # the second request reuses the graph after a reset
+        got = run(graphed, prompt, max_tokens=200, logprobs=3, **params)
+        want = run(eager, prompt, max_tokens=200, logprobs=3, **params)
+        assert [e.token_id for e in got] == [e.token_id for e in want]
+        assert [e.logprob for e in got] == [e.logprob for e in want]
+        assert len(got) == 200
+
+
+def test_graph_logits_are_bit_identical_to_the_eager_step(engines):
+    graphed, _ = engines
+    model, state, graph = graphed.model, graphed.state, graphed.graph
+    prompt = torch.tensor([1, 415, 296, 90], device="cuda")
+    logits_eager, logits_graph = [], []
+    for step, out in ((model.decode, logits_eager), (graph.decode, logits_graph)):
+        state.reset()
+        token = model.prefill(prompt, state).argmax()
+        for _ in range(40):
+            logits = step(token, state)
+            out.append(logits.clone())
+            token = logits.argmax()
+        assert state.num_tokens == state.num_meta + len(prompt) + 40
+        assert int(state.pos) == state.num_tokens
+    for t, (a, b) in enumerate(zip(logits_graph, logits_eager, strict=True)):
+        assert torch.equal(a, b), f"step {t}: max |diff| {(a - b).abs().max()}"
+
+
+def test_graph_stops_at_the_context_limit(engines):
+    graphed, _ = engines
+    state = graphed.state
+    state.reset()
+    graphed.model.prefill(torch.ones(state.max_positions - state.num_meta - 1, dtype=torch.long, device="cuda"), state)
+    token = torch.ones((), dtype=torch.long, device="cuda")
+    graphed.graph.decode(token, state)  # the last position
+    with pytest.raises(ValueError, match="past the context limit"):
+        graphed.graph.decode(token, state)
