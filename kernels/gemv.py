@@ -26,13 +26,28 @@ import torch.nn.functional as F
 
 from kernels._triton import tl, triton
 
-# Launch shape (BLOCK_N, BLOCK_K, num_warps, num_stages) by the weight's rows: docs/PERFORMANCE.md has the H100
-# sweep behind these (tools/sweep_gemv.py).
-CONFIGS = {"small": (2, 256, 4, 1), "medium": (8, 256, 4, 3), "large": (8, 256, 4, 3)}
+# Launch shape (BLOCK_N, BLOCK_K, num_warps, num_stages) by weight shape: the fastest of 64 shapes on the H100 for each
+# of the 1.5B model's decode products, timed in a CUDA graph with the weights read from HBM (tools/sweep_gemv.py;
+# the table is in docs/PERFORMANCE.md). Microseconds there: in_proj 14.6, out_proj 8.0, gate+up 19.2, down 9.3,
+# x_proj 2.7, LM head 43.0; the first shape tried (8, 256, 4, 3) took 16.0 / 19.1 / 23.6 / 27.7 / 10.3 / 50.8.
+CONFIG_TWO_WEIGHTS = (8, 1024, 4, 1)  # gate + up: 5504 x 1600 twice
+CONFIG_FEW_ROWS = (1, 1024, 8, 3)  # x_proj: 132 x 3200; one row per program keeps 132 programs in flight
+CONFIG_LONG_ROWS = (2, 2048, 4, 1)  # down_proj: 1600 x 5504
+CONFIG_MEDIUM = (8, 2048, 4, 3)  # out_proj: 1600 x 3200
+CONFIG_VOCAB = (4, 256, 4, 3)  # the LM head: 32001 x 1600
+CONFIG_WIDE = (16, 256, 8, 1)  # in_proj: 8960 x 1600
 
 
-def launch_config(N: int, K: int) -> tuple[int, int, int, int]:
-    return CONFIGS["small" if N < 512 else "medium" if N < 4096 else "large"]
+def launch_config(N: int, K: int, two_weights: bool = False) -> tuple[int, int, int, int]:
+    if two_weights:
+        return CONFIG_TWO_WEIGHTS
+    if N < 512:
+        return CONFIG_FEW_ROWS
+    if K >= 4096:
+        return CONFIG_LONG_ROWS
+    if N < 4096:
+        return CONFIG_MEDIUM
+    return CONFIG_VOCAB if N >= 16384 else CONFIG_WIDE
 
 
 @triton.jit
@@ -99,7 +114,7 @@ def _launch(
     assert residual is None or (residual.shape == (N,) and residual.dtype == torch.float32)
     out = torch.empty(N, dtype=torch.float32, device=x.device) if out is None else out
     assert out.shape == (N,) and out.dtype == torch.float32 and out.is_contiguous()
-    block_n, block_k, num_warps, num_stages = config or launch_config(N, K)
+    block_n, block_k, num_warps, num_stages = config or launch_config(N, K, w2 is not None)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, x if x2 is None else x2, x if nw is None else nw, x if nw2 is None else nw2,
         weight, weight if w2 is None else w2, x if bias is None else bias, x if residual is None else residual, out,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from kernels._triton import tl, triton
 
-BLOCK_D = 64  # channels per program: 50 programs at d_inner = 3200, each holding a (64, 16) fp32 state tile
+BLOCK_D = 8  # channels per program: 400 programs at d_inner = 3200; 5.3 us on the H100 against 10.5 at 64 (sweep)
 
 
 @triton.jit

@@ -75,7 +75,7 @@ DTYPE_IDS = ["x32-w32", "x32-w16", "x16-w16"]
 
 
 def select_path(path: tuple[int, int, int, int], monkeypatch) -> None:
-    monkeypatch.setattr(GEMV_MODULE, "launch_config", lambda N, K: path)
+    monkeypatch.setattr(GEMV_MODULE, "launch_config", lambda N, K, two_weights=False: path)
 
 
 @pytest.mark.parametrize("N, K, pad", SHAPES, ids=str)
