@@ -5,8 +5,10 @@
 set -x
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
 python -m tools.random_checkpoint /tmp/h15 > "$OUT/ckpt.txt" 2>&1
-timeout 280 python -m engine.bench --runs 5 --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
-python scripts/engine_rate.py /tmp/h15 --max-tokens 512 > "$OUT/engine_rate.txt" 2>&1
+if [ -z "$SKIP_BENCH" ]; then  # SKIP_BENCH=1: the serving runs only (e.g. DEVICES=cuda:0,cuda:1 for two workers)
+    timeout 280 python -m engine.bench --runs 5 --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
+    python scripts/engine_rate.py /tmp/h15 --max-tokens 512 > "$OUT/engine_rate.txt" 2>&1
+fi
 python -m server --model /tmp/h15 --device "${DEVICES:-cuda}" --port 8000 > "$OUT/server.log" 2>&1 &
 for _ in $(seq 120); do curl -sf 127.0.0.1:8000/health > /dev/null && break; sleep 1; done
 python -m loadtest --url http://127.0.0.1:8000 --model h15 --concurrency 1 --requests 5 --prompt-tokens 128 \
@@ -15,6 +17,7 @@ python -m loadtest --url http://127.0.0.1:8000 --model h15 --concurrency 1,2,4,8
     --prompt-tokens 256 --max-tokens 128 --out "$OUT/lt-sweep" > "$OUT/lt-sweep.txt" 2>&1
 kill %1
 wait
+tar -C "$OUT" -czf "$OUT/loadtest.tgz" lt-stream512 lt-sweep && rm -r "$OUT/lt-stream512" "$OUT/lt-sweep"
 tail -30 "$OUT/bench.txt"
 cat "$OUT/engine_rate.txt"
 grep -B2 -A12 "^run " "$OUT/lt-stream512.txt" | head -30
