@@ -5,6 +5,7 @@ Also the one place device and dtype names are resolved. The tokenizer is not nee
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -61,8 +62,10 @@ def load_model(
             )
     elif max_model_len < 1:
         raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
-    tensors = load_weights(model_dir, config, dev, dt)
-    model = HymbaForCausalLM.from_tensors(config, tensors, M + max_model_len)
-    state = DecodeState(config, max_model_len, dev, dt)
-    model.prefill_meta_tokens(state)
+    # Triton launches on the calling thread's current device: cuda:1 must be current while its meta tokens run
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        tensors = load_weights(model_dir, config, dev, dt)
+        model = HymbaForCausalLM.from_tensors(config, tensors, M + max_model_len)
+        state = DecodeState(config, max_model_len, dev, dt)
+        model.prefill_meta_tokens(state)
     return config, model, state
