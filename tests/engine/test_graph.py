@@ -73,3 +73,18 @@ def test_graph_stops_at_the_context_limit(engines):
     graphed.graph.decode(token, state)  # the last position
     with pytest.raises(ValueError, match="past the context limit"):
         graphed.graph.decode(token, state)
+
+
+def test_an_engine_on_the_second_gpu_generates_what_the_first_does(engines):
+    """Triton launches on the thread's current device: loading and generating on cuda:1 from a thread whose
+    current device is cuda:0 (as the server's second worker) must work and agree with cuda:0."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    first, _ = engines
+    torch.cuda.set_device(0)
+    second = Engine.load(FOLDER, device="cuda:1", dtype="bfloat16")
+    torch.cuda.set_device(0)
+    prompt = [1, 415, 296, 90, 285, 142]
+    want = [e.token_id for e in run(first, prompt, max_tokens=50, temperature=0, ignore_eos=True)]
+    torch.cuda.set_device(0)
+    assert [e.token_id for e in run(second, prompt, max_tokens=50, temperature=0, ignore_eos=True)] == want
