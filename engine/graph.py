@@ -25,21 +25,21 @@ class DecodeGraph:
         device = state.pos.device
         assert device.type == "cuda", "CUDA graphs need a CUDA device"
         self.model, self.state = model, state
-        with torch.cuda.device(device):
-            self.token = torch.zeros(1, dtype=torch.int64, device=device)  # the graph's input
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                state.reset()
-                for _ in range(warmup_steps):  # Triton compiles here, outside the capture
-                    model.decode_step(self.token, state)
-            torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.set_device(device)  # Triton launches into the current device's context (engine/loader.py)
+        self.token = torch.zeros(1, dtype=torch.int64, device=device)  # the graph's input
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
             state.reset()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = model.decode_step(self.token, state)  # (V,) fp32, the graph's output
-            state.reset()
-            torch.cuda.synchronize()
+            for _ in range(warmup_steps):  # Triton compiles here, outside the capture
+                model.decode_step(self.token, state)
+        torch.cuda.current_stream(device).wait_stream(side)
+        state.reset()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.decode_step(self.token, state)  # (V,) fp32, the graph's output
+        state.reset()
+        torch.cuda.synchronize(device)
 
     def decode(self, token: torch.Tensor, state: DecodeState) -> torch.Tensor:
         """model.decode's contract, by replay: token (0-d or (1,) int64 on the device) at state.num_tokens.

@@ -5,7 +5,6 @@ Also the one place device and dtype names are resolved. The tokenizer is not nee
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -62,10 +61,12 @@ def load_model(
             )
     elif max_model_len < 1:
         raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
-    # Triton launches on the calling thread's current device: cuda:1 must be current while its meta tokens run
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        tensors = load_weights(model_dir, config, dev, dt)
-        model = HymbaForCausalLM.from_tensors(config, tensors, M + max_model_len)
-        state = DecodeState(config, max_model_len, dev, dt)
-        model.prefill_meta_tokens(state)
+    if dev.type == "cuda":
+        # Triton launches into the thread's current CUDA context: cuda:1 must be current while its meta tokens run.
+        # set_device switches the context at once; `with torch.cuda.device(...)` may only note the index lazily.
+        torch.cuda.set_device(dev)
+    tensors = load_weights(model_dir, config, dev, dt)
+    model = HymbaForCausalLM.from_tensors(config, tensors, M + max_model_len)
+    state = DecodeState(config, max_model_len, dev, dt)
+    model.prefill_meta_tokens(state)
     return config, model, state
