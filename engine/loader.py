@@ -19,7 +19,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -30,6 +30,8 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda" and device.index is not None and device.index >= (n := torch.cuda.device_count()):
         raise ValueError(f"device {name!r} asked for, but this machine has {n} CUDA device(s)")
+    if device.type == "cuda" and device.index is None:  # an explicit index: set_device and graphs need one
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
