@@ -54,6 +54,9 @@ class Engine:
     ):
         self.model_dir, self.config, self.model, self.state = model_dir, config, model, state
         self.graph = graph
+        # On CUDA the loop queues step t+1 before reading token t back (the launch returns at once). On the CPU a
+        # step runs in the call, so the token is delivered first.
+        self.is_pipelined = state.pos.is_cuda
         self._reader = _TokenReader(state.pos.device)
         self.tokenizer, self.defaults, self.eos_token_ids = tokenizer, defaults, eos_token_ids
         self.model_name = model_dir.resolve().name
@@ -152,11 +155,16 @@ class Engine:
             num_generated += 1
             # a graph's logits buffer is overwritten by the next step, queued below before this token is scored
             scored = logits.clone() if params.logprobs is not None and self.graph is not None else logits
-            if num_generated < params.max_tokens and n + num_generated < self.max_model_len:
+            has_next = num_generated < params.max_tokens and n + num_generated < self.max_model_len
+            failure = None
+            if has_next and self.is_pipelined:
                 # Queue the next step before reading this token: if it turns out to end the request, one step was
-                # computed for nothing; a -1 (INVALID_TOKEN_ID) is clamped on the device and raised below.
-                penalties.update(token.clamp_min(0))
-                logits = (self.graph or self.model).decode(token, self.state)
+                # computed for nothing; a -1 (INVALID_TOKEN_ID) is clamped on the device and raised below. If the
+                # step fails, this token is still delivered first: the failure belongs to the next one.
+                try:
+                    logits = self._step(token, penalties)
+                except Exception as e:
+                    failure = e
             token_id = self._reader.result()
             if token_id == sampling.INVALID_TOKEN_ID:
                 raise EngineError(f"the model produced non-finite logits at generated token {num_generated - 1}")
@@ -179,6 +187,8 @@ class Engine:
             )
             if finish is not None:
                 return
+            if failure is not None:
+                raise failure
             if should_stop():
                 yield TokenEvent(
                     None,
@@ -188,6 +198,12 @@ class Engine:
                     num_completion_tokens=num_generated,
                 )
                 return
+            if has_next and not self.is_pipelined:
+                logits = self._step(token, penalties)
+
+    def _step(self, token: torch.Tensor, penalties: sampling.PenaltyState) -> torch.Tensor:
+        penalties.update(token.clamp_min(0))
+        return (self.graph or self.model).decode(token, self.state)
 
 
 class _TokenReader:

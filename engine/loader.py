@@ -30,8 +30,6 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda" and device.index is not None and device.index >= (n := torch.cuda.device_count()):
         raise ValueError(f"device {name!r} asked for, but this machine has {n} CUDA device(s)")
-    if device.type == "cuda" and device.index is None:  # an explicit index: set_device and graphs need one
-        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -66,6 +64,7 @@ def load_model(
     if dev.type == "cuda":
         # Triton launches into the thread's current CUDA context: cuda:1 must be current while its meta tokens run.
         # set_device switches the context at once; `with torch.cuda.device(...)` may only note the index lazily.
+        dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     tensors = load_weights(model_dir, config, dev, dt)
     model = HymbaForCausalLM.from_tensors(config, tensors, M + max_model_len)
