@@ -153,7 +153,7 @@ _DECODE_PARTS = {"_gemv_kernel": "gemv", "_attention_decode": "attention", "_rop
                  "_ssm_update": "ssm", "_causal_conv1d_update": "ssm"}  # fmt: skip
 
 
-def decode_split(model: HymbaForCausalLM, state: DecodeState, graph: DecodeGraph, context: int) -> dict:
+def decode_split(model: HymbaForCausalLM, state: DecodeState, graph: DecodeGraph, context: int, runs: int) -> dict:
     """Where one decode step's time goes at `context`: each kernel's device time from the profiler over eager steps
     (the graph runs the same kernels), grouped into parts, and the graph's per-step time beside their sum (the
     difference is the gap between kernels). Also the GEMVs' achieved bandwidth."""
@@ -177,23 +177,9 @@ def decode_split(model: HymbaForCausalLM, state: DecodeState, graph: DecodeGraph
         part = next((p for prefix, p in _DECODE_PARTS.items() if event.key.startswith(prefix)), "other")
         parts[part] += event.self_device_time_total / 1e6 / steps
         launches += event.count
-    state.reset()
-    token = model.prefill(torch.randint(3, model.config.vocab_size, (context,), device=device), state).argmax()
-    graph_step = 1 / statistics.median(time_decode_graph_only(graph, state, token))
+    graph_step = 1 / statistics.median(time_decode(model, state, context, runs, graph))
     return {"context": context, "parts_s": parts, "kernels_per_step": launches / steps, "graph_step_s": graph_step,
             "gaps_s": graph_step - sum(parts.values())}  # fmt: skip
-
-
-def time_decode_graph_only(graph: DecodeGraph, state: DecodeState, token: torch.Tensor) -> list[float]:
-    rates = []
-    for _ in range(5):
-        sync(state.ssm.device)
-        t0 = time.perf_counter()
-        for _ in range(32):
-            token = graph.decode(token, state).argmax()
-        int(token)
-        rates.append(32 / (time.perf_counter() - t0))
-    return rates
 
 
 def kernel_rows(device: torch.device, dtype: torch.dtype, bandwidth: float, matmul_rate: float) -> list[dict]:
@@ -307,9 +293,8 @@ def kernel_rows(device: torch.device, dtype: torch.dtype, bandwidth: float, matm
         graphed.append((name, lambda f=tri, a=args, k=kwargs: f(*a, **k), lambda f=ref, a=args, k=kwargs: f(*a, **k),
                         w_bytes.numel() * size, 0))  # fmt: skip
     rows = []
-    for name, tri, ref, num_bytes, flops in cases + graphed:
+    for (name, tri, ref, num_bytes, flops), in_graph in [(c, False) for c in cases] + [(g, True) for g in graphed]:
         floor = max(num_bytes / bandwidth, flops / matmul_rate)
-        in_graph = any(name == g[0] for g in graphed)
         triton_s = graph_seconds(tri) if in_graph else device_seconds(tri)
         twin_s = None
         if ref is not None:
@@ -424,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         "paths": {
             "triton": bench_path(model, state, args, True, graph), "twins": bench_path(model, state, args, False)
         },
-        "decode_split": [decode_split(model, state, graph, c) for c in args.contexts],
+        "decode_split": [decode_split(model, state, graph, c, args.runs) for c in args.contexts],
         "kernels": [] if args.no_kernels else kernel_rows(device, dtype, bandwidth, matmul_rate),
     }  # fmt: skip
     kernels.use_triton(True)

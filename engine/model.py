@@ -21,18 +21,9 @@ from torch import nn
 import kernels
 from engine.config import HymbaConfig
 from engine.state import DecodeState
+from kernels.gemv import linear
 
 DEFAULT_PREFILL_CHUNK = 2048  # bounds prefill activations and attention scores, whatever the prompt length
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias): operands in the weight's dtype, fp32 accumulation, fp32 result."""
-    x = x.to(weight.dtype)
-    if x.is_cuda and weight.dtype != torch.float32:  # cuBLAS writes the fp32 accumulator without rounding
-        y = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
-    else:
-        y = F.linear(x, weight).float()
-    return y if bias is None else y + bias.float()
 
 
 class RMSNorm(nn.Module):

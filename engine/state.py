@@ -87,9 +87,12 @@ class DecodeState:
         M = self.num_meta
         return torch.where(positions < M, positions, M + (positions - M) % window)
 
-    def num_valid(self, layer_idx: int, num_positions: int) -> int:
-        """Filled slots once positions [0, num_positions) are written."""
-        return min(num_positions, self.k[layer_idx].shape[1])
+    def num_valid(self, layer_idx: int, num_positions):
+        """Filled slots once positions [0, num_positions) are written (an int, or a device tensor as is)."""
+        capacity = self.k[layer_idx].shape[1]
+        if isinstance(num_positions, torch.Tensor):
+            return num_positions.clamp_max(capacity)
+        return min(num_positions, capacity)
 
     def decode_indices(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Per KV-producing layer: (slot, filled slots) for a decode step at position self.pos, as (1,) int64
@@ -99,7 +102,7 @@ class DecodeState:
         for i, window in self.window.items():
             capacity = self.k[i].shape[1]
             if (window, capacity) not in shared:
-                shared[window, capacity] = (self.slots(i, self.pos), (self.pos + 1).clamp_max(capacity))
+                shared[window, capacity] = (self.slots(i, self.pos), self.num_valid(i, self.pos + 1))
             indices[i] = shared[window, capacity]
         return indices
 

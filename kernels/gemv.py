@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._triton import tl, triton
+from kernels.rms_norm import rms_norm_average_ref, rms_norm_ref
 
 # Launch shape (BLOCK_N, BLOCK_K, num_warps, num_stages) by weight shape: the fastest of 64 shapes on the H100 for each
 # of the 1.5B model's decode products, timed in a CUDA graph with the weights read from HBM (tools/sweep_gemv.py;
@@ -155,47 +156,43 @@ def mlp_gemv(x, norm_weight, eps, gate_weight, up_weight, *, out=None, config=No
     return _launch(x, gate_weight, nw=norm_weight, eps=eps, w2=up_weight, act=1, out=out, config=config)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias): operands in the weight's dtype, fp32 accumulation, fp32 result. The matrix product of
+    engine/model.py's prefill and of the twins below. x: (..., K)   weight: (N, K)   returns (..., N) fp32"""
+    x = x.to(weight.dtype)
+    if x.is_cuda and weight.dtype != torch.float32:  # cuBLAS writes the fp32 accumulator without rounding
+        y = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
+    else:
+        y = F.linear(x, weight).float()  # CPU torch has no bf16-in / fp32-out product: the output is rounded
+    return y if bias is None else y + bias.float()
+
+
 # --- twins: the same contracts, composed from the ops engine/model.py's prefill uses ---
 
 
-def _rms_norm(x, w, eps):
-    x = x.float()
-    return w.float() * (x * torch.rsqrt(x.pow(2).mean() + eps))
-
-
-def _matvec(x, weight):
-    """fp32 x rounded to the weight's dtype, products accumulated in fp32 (exact on CUDA, rounded on CPU)."""
-    x = x.to(weight.dtype)
-    if x.is_cuda and weight.dtype != torch.float32:
-        return torch.mm(x.view(1, -1), weight.t(), out_dtype=torch.float32).view(-1)
-    return F.linear(x, weight).float()
-
-
-def _finish(y, bias, residual, out):
-    if bias is not None:
-        y = y + bias.float()
+def _finish(y, residual, out):
     if residual is not None:
         y = y + residual
     return y if out is None else out.copy_(y)
 
 
 def gemv_ref(x, weight, bias=None, *, residual=None, out=None) -> torch.Tensor:
-    return _finish(_matvec(x.float(), weight), bias, residual, out)
+    return _finish(linear(x.float(), weight, bias), residual, out)
 
 
 def norm_gemv_ref(x, norm_weight, eps, weight, bias=None, *, out=None) -> torch.Tensor:
-    return _finish(_matvec(_rms_norm(x, norm_weight, eps), weight), bias, None, out)
+    return _finish(linear(rms_norm_ref(x, norm_weight, eps), weight, bias), None, out)
 
 
 def norm_average_gemv_ref(a, b, weight_a, weight_b, eps, weight, bias=None, *, residual=None, out=None):
-    mixed = (_rms_norm(a, weight_a, eps) + _rms_norm(b, weight_b, eps)) / 2
-    return _finish(_matvec(mixed, weight), bias, residual, out)
+    mixed = rms_norm_average_ref(a, b, weight_a, weight_b, eps)
+    return _finish(linear(mixed, weight, bias), residual, out)
 
 
 def mlp_gemv_ref(x, norm_weight, eps, gate_weight, up_weight, *, out=None) -> torch.Tensor:
-    n = _rms_norm(x, norm_weight, eps)
+    n = rms_norm_ref(x, norm_weight, eps)
     if gate_weight is None:
-        y = F.relu(_matvec(n, up_weight)).square()
+        y = F.relu(linear(n, up_weight)).square()
     else:
-        y = F.silu(_matvec(n, gate_weight)) * _matvec(n, up_weight)
-    return y if out is None else out.copy_(y)
+        y = F.silu(linear(n, gate_weight)) * linear(n, up_weight)
+    return _finish(y, None, out)

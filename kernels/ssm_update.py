@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels._triton import tl, triton
+from kernels.gemv import linear
+from kernels.rms_norm import rms_norm_ref
 
 BLOCK_D = 8  # channels per program: 400 programs at d_inner = 3200; 5.3 us on the H100 against 10.5 at 64 (sweep)
 
@@ -132,14 +134,8 @@ def ssm_update_ref(
     R, N = dt_weight.shape[1], state.shape[1]
     dt, B, C = dbc.float().split([R, N, N])
     if norm_weights is not None:
-        dt, B, C = (
-            w.float() * (v * torch.rsqrt(v.pow(2).mean() + eps)) for v, w in zip((dt, B, C), norm_weights, strict=True)
-        )
-    dt = dt.to(dt_weight.dtype)
-    if dt.is_cuda and dt_weight.dtype != torch.float32:
-        dt = torch.mm(dt.view(1, -1), dt_weight.t(), out_dtype=torch.float32).view(-1)
-    else:
-        dt = F.linear(dt, dt_weight).float()
+        dt, B, C = (rms_norm_ref(v, w, eps) for v, w in zip((dt, B, C), norm_weights, strict=True))
+    dt = linear(dt, dt_weight)
     xf = x.float()
     delta = F.softplus(dt + dt_bias)  # (d,)
     state.mul_(torch.exp(delta.unsqueeze(1) * A)).add_((delta * xf).unsqueeze(1) * B)
