@@ -36,7 +36,9 @@ class DecodeGraph:
         torch.cuda.current_stream(device).wait_stream(side)
         state.reset()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # The capture stream is named: torch.cuda.graph's default is one stream per process, made on the device
+        # current at the first capture, and entering it would make that device current for a second GPU's capture.
+        with torch.cuda.graph(self.graph, stream=side):
             self.logits = model.decode_step(self.token, state)  # (V,) fp32, the graph's output
         state.reset()
         torch.cuda.synchronize(device)

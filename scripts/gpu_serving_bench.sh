@@ -5,7 +5,7 @@
 set -x
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
 python -m tools.random_checkpoint /tmp/h15 > "$OUT/ckpt.txt" 2>&1
-if [ -z "$SKIP_BENCH" ]; then  # SKIP_BENCH=1: the serving runs only (e.g. DEVICES=cuda:0,cuda:1 for two workers)
+if [ -z "$SKIP_BENCH" ]; then  # SKIP_BENCH=1: the serving runs only (e.g. DEVICES=cuda:0,cuda:1 SWEEP_REQUESTS=32 for two workers)
     timeout 280 python -m engine.bench --runs 5 --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
     python scripts/engine_rate.py /tmp/h15 --max-tokens 512 > "$OUT/engine_rate.txt" 2>&1
 fi
@@ -13,7 +13,7 @@ python -m server --model /tmp/h15 --device "${DEVICES:-cuda}" --port 8000 > "$OU
 for _ in $(seq 120); do curl -sf 127.0.0.1:8000/health > /dev/null && break; sleep 1; done
 python -m loadtest --url http://127.0.0.1:8000 --model h15 --concurrency 1 --requests 5 --prompt-tokens 128 \
     --max-tokens 512 --out "$OUT/lt-stream512" > "$OUT/lt-stream512.txt" 2>&1
-python -m loadtest --url http://127.0.0.1:8000 --model h15 --concurrency 1,2,4,8,16 --requests 16 \
+python -m loadtest --url http://127.0.0.1:8000 --model h15 --concurrency 1,2,4,8,16 --requests "${SWEEP_REQUESTS:-16}" \
     --prompt-tokens 256 --max-tokens 128 --out "$OUT/lt-sweep" > "$OUT/lt-sweep.txt" 2>&1
 kill %1
 wait

@@ -75,11 +75,6 @@ def test_graph_stops_at_the_context_limit(engines):
         graphed.graph.decode(token, state)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug (issue 8): after a cuda:0 engine is loaded in the process, the cuda:1 engine's first Triton "
-    "launch fails with 'Pointer argument cannot be accessed from Triton'; each engine alone loads and runs",
-)
 def test_an_engine_on_the_second_gpu_generates_what_the_first_does(engines):
     """Triton launches on the thread's current device: loading and generating on cuda:1 from a thread whose
     current device is cuda:0 (as the server's second worker) must work and agree with cuda:0."""
