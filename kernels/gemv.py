@@ -13,13 +13,25 @@ kernel does all of it:
                (+ residual)
 
 Roundings follow engine/model.py exactly: the prologue is fp32, the operand is rounded once to the weight's
-dtype, products accumulate in fp32, the result is fp32. A program owns BLOCK_N output rows and walks K in
-BLOCK_K steps; the prologue's sums of squares are recomputed by every program (K floats from L2, a few % of the
-weight bytes it reads), which is what lets the norm live in the same launch.
+dtype, products accumulate in fp32, the result is fp32.
+
+A program holds the whole prologue output in registers (BLOCK_K >= K: the sums of squares take one load of x, K
+floats from L2, recomputed by every program) and walks its row blocks of BLOCK_N rows, a grid's worth of rows
+apart. The grid is a few programs per multiprocessor, sized so that programs own the same number of row blocks give
+or take one (no last partial wave). While a program sums one row block, the next one's weights are loading: each
+keeps a weight tile in flight from its start to its end.
+
+Overlap with the kernel before (CUDA, compute capability >= 9.0): only x, x2 and the residual depend on earlier
+kernels, never the weights. Each kernel is launched with programmatic dependent launch; a program issues its first
+row block's weight loads, lets the next kernel launch (once every program has done so) and then waits at gdc_wait
+for the previous grid to finish with its writes visible. Nothing is read from x or written before that wait (out
+may be the residual the previous kernel read). Kernels launched without PDL after one of these wait as usual.
 Launchers gemv / norm_gemv / norm_average_gemv / mlp_gemv for CUDA (and TRITON_INTERPRET=1); *_ref twins.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -27,19 +39,38 @@ import torch.nn.functional as F
 from kernels._triton import tl, triton
 from kernels.rms_norm import rms_norm_average_ref, rms_norm_ref
 
-# Launch shape (BLOCK_N, BLOCK_K, num_warps, num_stages) by weight shape: the fastest of 64 shapes on the H100 for each
-# of the 1.5B model's decode products, timed in a CUDA graph with the weights read from HBM (tools/sweep_gemv.py;
-# the table is in docs/PERFORMANCE.md). Microseconds there: in_proj 14.6, out_proj 8.0, gate+up 19.2, down 9.3,
-# x_proj 2.7, LM head 43.0; the first shape tried (8, 256, 4, 3) took 16.0 / 19.1 / 23.6 / 27.7 / 10.3 / 50.8.
-CONFIG_TWO_WEIGHTS = (8, 1024, 4, 1)  # gate + up: 5504 x 1600 twice
-CONFIG_FEW_ROWS = (1, 1024, 8, 3)  # x_proj: 132 x 3200; one row per program keeps 132 programs in flight
-CONFIG_LONG_ROWS = (2, 2048, 4, 1)  # down_proj: 1600 x 5504
-CONFIG_MEDIUM = (8, 2048, 4, 3)  # out_proj: 1600 x 3200
-CONFIG_VOCAB = (4, 256, 4, 3)  # the LM head: 32001 x 1600
-CONFIG_WIDE = (16, 256, 8, 1)  # in_proj: 8960 x 1600
+# Launch shape (BLOCK_N, programs per multiprocessor, num_warps) by weight shape: the fastest on the H100 for each of
+# the 1.5B model's decode products (tools/sweep_gemv.py: every shape whose weight tile fits the registers, timed with
+# PDL in a CUDA graph with the weights read from HBM). Microseconds there: in_proj 11.6, out_proj 5.8, gate+up 14.4,
+# down 8.0, x_proj 1.4, LM head 37.2; the K-stepping kernel before this one took 14.6 / 8.0 / 19.2 / 9.3 / 2.7 /
+# 43.0. In the whole decode graph this set gave 579 tokens/s, a set tuned on tools/sweep_gemv.py --tune's chain 574.
+CONFIG_TWO_WEIGHTS = (1, 6, 8)  # gate + up: 5504 x 1600 twice
+CONFIG_FEW_ROWS = (2, 2, 8)  # x_proj: 132 x 3200; one row block per program
+CONFIG_LONG_ROWS = (2, 2, 8)  # down_proj: 1600 x 5504
+CONFIG_MEDIUM = (4, 3, 8)  # out_proj: 1600 x 3200
+CONFIG_VOCAB = (4, 8, 8)  # the LM head: 32001 x 1600
+CONFIG_WIDE = (2, 8, 4)  # in_proj: 8960 x 1600
+MAX_K = 16384  # a program holds K operand values and two BLOCK_N x K weight tiles in registers
+USE_PDL = True  # where the device has it; off in the sweep's baseline
 
 
-def launch_config(N: int, K: int, two_weights: bool = False) -> tuple[int, int, int, int]:
+@functools.cache
+def _device_facts(device_index: int) -> tuple[int, bool]:
+    """(multiprocessor count, has programmatic dependent launch)."""
+    props = torch.cuda.get_device_properties(device_index)
+    return props.multi_processor_count, (props.major, props.minor) >= (9, 0)
+
+
+def launch_facts(x: torch.Tensor) -> tuple[int, bool]:
+    """(multiprocessors, launch with PDL) on x's device. The interpreter runs programs one by one and has no PDL:
+    two 'multiprocessors' there, so that small test shapes still give programs several row blocks."""
+    if not x.is_cuda or triton.knobs.runtime.interpret:
+        return 2, False
+    num_sms, has_pdl = _device_facts(x.device.index)
+    return num_sms, has_pdl and USE_PDL
+
+
+def launch_config(N: int, K: int, two_weights: bool = False) -> tuple[int, int, int]:
     if two_weights:
         return CONFIG_TWO_WEIGHTS
     if N < 512:
@@ -52,13 +83,17 @@ def launch_config(N: int, K: int, two_weights: bool = False) -> tuple[int, int, 
 
 
 @triton.jit
-def _sum_squares(x_ptr, K, BLOCK_K: tl.constexpr):
-    offs = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        acc += x * x
-    return tl.sum(acc, axis=0)
+def _load_tile(w_ptr, rows, N, stride_w, offs_k, mask_k):
+    mask = (rows < N)[:, None] & mask_k[None, :]
+    return tl.load(w_ptr + rows[:, None] * stride_w + offs_k[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _normalized(x_ptr, nw_ptr, offs_k, mask_k, K, eps):
+    """x * rsqrt(mean(x^2) + eps) * nw over the whole row, fp32."""
+    x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    nw = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    return x * tl.rsqrt(tl.sum(x * x, axis=0) / K + eps) * nw
 
 
 @triton.jit
@@ -66,44 +101,47 @@ def _gemv_kernel(
     x_ptr, x2_ptr, nw_ptr, nw2_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr,  # pointers
     N, K, eps, stride_w, stride_w2,  # sizes, strides in elements
     NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,  # what to fuse
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # tile
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # tile: BLOCK_N rows of all K (BLOCK_K >= K)
+    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = rows < N
+    offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    if NORM >= 1:
-        rstd = tl.rsqrt(_sum_squares(x_ptr, K, BLOCK_K) / K + eps)
-    if NORM == 2:
-        rstd2 = tl.rsqrt(_sum_squares(x2_ptr, K, BLOCK_K) / K + eps)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < K
-        x = tl.load(x_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
-        if NORM >= 1:
-            x = x * rstd * tl.load(nw_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
-        if NORM == 2:
-            x2 = tl.load(x2_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
-            x = (x + x2 * rstd2 * tl.load(nw2_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)) * 0.5
-        x = x.to(w_ptr.dtype.element_ty).to(tl.float32)[None, :]  # the one rounding to the operand dtype
-        mask = mask_n[:, None] & mask_k[None, :]
-        w = tl.load(w_ptr + rows[:, None] * stride_w + kk[None, :], mask=mask, other=0.0)
-        acc += w.to(tl.float32) * x
-        if ACT == 1:
-            w2 = tl.load(w2_ptr + rows[:, None] * stride_w2 + kk[None, :], mask=mask, other=0.0)
-            acc2 += w2.to(tl.float32) * x
-    y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
+    mask_k = offs_k < K
+    first_row = tl.program_id(0) * BLOCK_N
+    step = tl.num_programs(0) * BLOCK_N  # rows from one of this program's row blocks to its next
+    w = _load_tile(w_ptr, first_row + offs_n, N, stride_w, offs_k, mask_k)  # depends on no earlier kernel
+    w2 = w
     if ACT == 1:
-        y = y * tl.sigmoid(y) * tl.sum(acc2, axis=1)
-    if ACT == 2:
-        y = tl.maximum(y, 0.0)
-        y = y * y
-    if HAS_RES:
-        y += tl.load(res_ptr + rows, mask=mask_n, other=0.0)
-    tl.store(out_ptr + rows, y, mask=mask_n)
+        w2 = _load_tile(w2_ptr, first_row + offs_n, N, stride_w2, offs_k, mask_k)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()  # from here on the previous kernel is done and its writes are visible
+    if NORM == 0:
+        x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    else:
+        x = _normalized(x_ptr, nw_ptr, offs_k, mask_k, K, eps)
+    if NORM == 2:
+        x = (x + _normalized(x2_ptr, nw2_ptr, offs_k, mask_k, K, eps)) * 0.5
+    x = x.to(w_ptr.dtype.element_ty).to(tl.float32)[None, :]  # the one rounding to the operand dtype
+    for row0 in range(first_row, N, step):
+        rows = row0 + offs_n
+        mask_n = rows < N
+        w_next = _load_tile(w_ptr, rows + step, N, stride_w, offs_k, mask_k)  # in flight while this block sums
+        w2_next = w_next
+        if ACT == 1:
+            w2_next = _load_tile(w2_ptr, rows + step, N, stride_w2, offs_k, mask_k)
+        y = tl.sum(w.to(tl.float32) * x, axis=1)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
+        if ACT == 1:
+            y = y * tl.sigmoid(y) * tl.sum(w2.to(tl.float32) * x, axis=1)
+        if ACT == 2:
+            y = tl.maximum(y, 0.0)
+            y = y * y
+        if HAS_RES:
+            y += tl.load(res_ptr + rows, mask=mask_n, other=0.0)
+        tl.store(out_ptr + rows, y, mask=mask_n)
+        w, w2 = w_next, w2_next
 
 
 def _launch(
@@ -115,13 +153,18 @@ def _launch(
     assert residual is None or (residual.shape == (N,) and residual.dtype == torch.float32)
     out = torch.empty(N, dtype=torch.float32, device=x.device) if out is None else out
     assert out.shape == (N,) and out.dtype == torch.float32 and out.is_contiguous()
-    block_n, block_k, num_warps, num_stages = config or launch_config(N, K, w2 is not None)
-    _gemv_kernel[(triton.cdiv(N, block_n),)](
+    assert K <= MAX_K, f"gemv holds a whole row of K = {K} in registers; at most {MAX_K}"
+    block_n, programs_per_sm, num_warps = config or launch_config(N, K, w2 is not None)
+    num_sms, use_pdl = launch_facts(x)
+    num_blocks = triton.cdiv(N, block_n)
+    blocks_per_program = triton.cdiv(num_blocks, num_sms * programs_per_sm)
+    _gemv_kernel[(triton.cdiv(num_blocks, blocks_per_program),)](  # each owns blocks_per_program or one fewer
         x, x if x2 is None else x2, x if nw is None else nw, x if nw2 is None else nw2,
         weight, weight if w2 is None else w2, x if bias is None else bias, x if residual is None else residual, out,
         N, K, eps, weight.stride(0), weight.stride(0) if w2 is None else w2.stride(0),
         NORM=0 if nw is None else (1 if x2 is None else 2), ACT=act, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(K), USE_PDL=use_pdl,
+        num_warps=num_warps, num_stages=1, launch_pdl=use_pdl,
     )  # fmt: skip
     return out
 
@@ -129,7 +172,7 @@ def _launch(
 def gemv(x, weight, bias=None, *, residual=None, out=None, config=None) -> torch.Tensor:
     """weight @ x (+ bias) (+ residual).   x: (K,) any float   weight: (N, K)   bias: (N,)   residual: (N,) fp32
     returns (N,) fp32 (written into `out` if given; out may be `residual`, updated in place).
-    config: (BLOCK_N, BLOCK_K, num_warps, num_stages) instead of launch_config's (for sweeps)."""
+    config: (BLOCK_N, programs per multiprocessor, num_warps) instead of launch_config's (for sweeps)."""
     return _launch(x, weight, bias=bias, residual=residual, out=out, config=config)
 
 
