@@ -22,7 +22,7 @@ import torch
 
 import kernels
 from engine.config import HymbaConfig
-from engine.graph import DecodeGraph
+from engine.graph import DecodeGraph, Prefill
 from engine.model import HymbaForCausalLM
 from engine.state import DecodeState
 from engine.weights import _FP32_SUFFIXES, expected_shapes
@@ -115,17 +115,25 @@ def ceilings(device: torch.device) -> tuple[float, float]:
     return bandwidth, rate
 
 
-def time_prefill(model: HymbaForCausalLM, state: DecodeState, num_tokens: int, runs: int) -> list[float]:
-    """Seconds from the prompt's submission to its first token on the host; the first run is a warm-up."""
+def time_prefill(prefill, model: HymbaForCausalLM, state: DecodeState, num_tokens: int, runs: int) -> list[float]:
+    """Seconds from the prompt's submission to its first token on the host; the first run is a warm-up. prefill:
+    ids -> logits, starting with state.reset() (a graph.Prefill, or model.prefill after a reset)."""
     ids = torch.randint(3, model.config.vocab_size, (num_tokens,), device=state.ssm.device)
     times = []
     for _ in range(runs + 1):
-        state.reset()
         sync(state.ssm.device)
         t0 = time.perf_counter()
-        int(model.prefill(ids, state).argmax())
+        int(prefill(ids).argmax())
         times.append(time.perf_counter() - t0)
     return times[1:]
+
+
+def eager_prefill(model: HymbaForCausalLM, state: DecodeState):
+    def prefill(ids):
+        state.reset()
+        return model.prefill(ids, state)
+
+    return prefill
 
 
 def time_decode(model: HymbaForCausalLM, state: DecodeState, context: int, runs: int, graph=None) -> list[float]:
@@ -180,6 +188,42 @@ def decode_split(model: HymbaForCausalLM, state: DecodeState, graph: DecodeGraph
     graph_step = 1 / statistics.median(time_decode(model, state, context, runs, graph))
     return {"context": context, "parts_s": parts, "kernels_per_step": launches / steps, "graph_step_s": graph_step,
             "gaps_s": graph_step - sum(parts.values())}  # fmt: skip
+
+
+_PREFILL_PARTS = {"_selective_scan": "scan", "_attention_prefill": "attention", "_causal_conv1d": "conv",
+                  "_rms_norm": "norm", "gemm": "matmul", "sm90_": "matmul", "cutlass": "matmul", "ampere": "matmul",
+                  "nvjet": "matmul"}  # fmt: skip
+
+
+def prefill_split(model: HymbaForCausalLM, state: DecodeState, served, num_tokens: int) -> dict:
+    """Where a prefill's device time goes: the profiler's kernel times of one prefill as served (a graph replays the
+    same kernels, so this profiles them run eagerly: the padded kernels up to the largest graph, model.prefill past
+    it), grouped into parts, with the ten costliest kernels and the number of kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kernels.use_triton(True)
+    device = state.ssm.device
+    ids = torch.randint(3, model.config.vocab_size, (num_tokens,), device=device)
+    graphs, served.graphs = served.graphs, {}  # the same padded kernels, run eagerly
+    try:
+        served(ids)
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            served(ids)
+            sync(device)
+    finally:
+        served.graphs = graphs
+    parts = dict.fromkeys(["matmul", "scan", "attention", "conv", "norm", "other"], 0.0)
+    rows, launches = [], 0
+    for event in prof.key_averages():
+        if event.self_device_time_total <= 0:
+            continue
+        part = next((p for key, p in _PREFILL_PARTS.items() if key in event.key), "other")
+        parts[part] += event.self_device_time_total / 1e6
+        launches += event.count
+        rows.append((event.self_device_time_total / 1e6, event.count, event.key[:90]))
+    top = [{"s": t, "count": c, "kernel": k} for t, c, k in sorted(rows, reverse=True)[:10]]
+    return {"tokens": num_tokens, "parts_s": parts, "kernels": launches, "top": top}
 
 
 def kernel_rows(device: torch.device, dtype: torch.dtype, bandwidth: float, matmul_rate: float) -> list[dict]:
@@ -304,23 +348,27 @@ def kernel_rows(device: torch.device, dtype: torch.dtype, bandwidth: float, matm
     return rows
 
 
-def bench_path(model, state, args, use_triton: bool, graph: DecodeGraph | None = None) -> dict:
-    """Every prefill and decode measure through one path (and decode through the graph, if given); each is printed
-    as soon as it is taken."""
+def bench_path(model, state, args, use_triton: bool, graph: DecodeGraph | None = None, served=None) -> dict:
+    """Every prefill and decode measure through one path (and decode through the graph and prefill as served, if
+    given); each is printed as soon as it is taken."""
     kernels.use_triton(use_triton)
     torch.cuda.reset_peak_memory_stats()
     name, runs = ("triton", args.runs) if use_triton else ("twins", max(3, args.runs // 2))
-    prefill, decode, graph_decode = {}, {}, {}
+    prefill, served_prefill, decode, graph_decode = {}, {}, {}, {}
     for n in args.prompt_lengths:
-        prefill[n] = summary(time_prefill(model, state, n, runs))
-        print(f"{name}: TTFT {n} tokens {prefill[n]['median'] * 1e3:.1f} ms", flush=True)
+        if served is not None:
+            served_prefill[n] = summary(time_prefill(served, model, state, n, runs))
+            print(f"{name}: TTFT {n} tokens as served {served_prefill[n]['median'] * 1e3:.1f} ms", flush=True)
+        prefill[n] = summary(time_prefill(eager_prefill(model, state), model, state, n, runs))
+        print(f"{name}: TTFT {n} tokens eager {prefill[n]['median'] * 1e3:.1f} ms", flush=True)
     for c in args.contexts:
         if graph is not None:
             graph_decode[c] = summary(time_decode(model, state, c, runs, graph))
             print(f"{name}: decode at {c} tokens, CUDA graph {graph_decode[c]['median']:.1f} tokens/s", flush=True)
         decode[c] = summary(time_decode(model, state, c, runs))
         print(f"{name}: decode at {c} tokens, eager {decode[c]['median']:.1f} tokens/s", flush=True)
-    return {"prefill_s": prefill, "decode_tokens_per_s": decode, "graph_decode_tokens_per_s": graph_decode,
+    return {"prefill_s": prefill, "served_prefill_s": served_prefill, "decode_tokens_per_s": decode,
+            "graph_decode_tokens_per_s": graph_decode,
             "peak_memory_bytes": torch.cuda.max_memory_allocated()}  # fmt: skip
 
 
@@ -339,7 +387,11 @@ def print_report(result: dict) -> None:
     row("measure", paths)
     row("---", ["---"] * len(paths))
     for n in result["prompt_lengths"]:
-        row(f"TTFT, {n}-token prompt (ms)", [cell(p["prefill_s"][n], 1e3, "{:.1f}") for p in paths.values()])
+        row(f"TTFT, {n}-token prompt, as served (ms)",
+            [cell(p["served_prefill_s"][n], 1e3, "{:.1f}") if p["served_prefill_s"] else "-"
+             for p in paths.values()])  # fmt: skip
+    for n in result["prompt_lengths"]:
+        row(f"TTFT, {n}-token prompt, eager (ms)", [cell(p["prefill_s"][n], 1e3, "{:.1f}") for p in paths.values()])
     for c in result["contexts"]:
         row(f"decode at {c} tokens, CUDA graph (tokens/s)",
             [cell(p["graph_decode_tokens_per_s"][c], 1, "{:.0f}") if p["graph_decode_tokens_per_s"] else "-"
@@ -367,6 +419,12 @@ def print_report(result: dict) -> None:
             f"kernels ({parts} us) + gaps between kernels {split['gaps_s'] * 1e6:.0f} us; "
             f"{split['kernels_per_step']:.0f} kernels per step; the GEMVs move the weights at {gemv_bw:.2f} TB/s"
         )
+    for split in result["prefill_split"]:
+        parts = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in split["parts_s"].items())
+        print(f"\nprefill of {split['tokens']} tokens as served, device time by part (ms): {parts}; "
+              f"{split['kernels']} kernels; the costliest:")  # fmt: skip
+        for row in split["top"]:
+            print(f"  {row['s'] * 1e3:7.2f} ms  {row['count']:5d}x  {row['kernel']}")
     if result["kernels"]:
         print("\n| kernel | floor (us) | Triton (us) | fraction of floor | twin (us) |\n|---|---|---|---|---|")
         for r in result["kernels"]:
@@ -400,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     state = DecodeState(config, max_model_len, device, dtype)
     model.prefill_meta_tokens(state)
     graph = DecodeGraph(model, state)
+    served = Prefill(model, state)  # CUDA graphs for prompts up to engine.graph.PREFILL_GRAPH_MAX_TOKENS
 
     result = {
         "device": torch.cuda.get_device_name(device), "dtype": args.dtype, "config": str(args.config or "Hymba-1.5B"),
@@ -407,9 +466,11 @@ def main(argv: list[str] | None = None) -> int:
         "state_bytes": state.nbytes, "max_model_len": max_model_len, "prompt_lengths": args.prompt_lengths,
         "contexts": args.contexts, "decode_roofline_tokens_per_s": bandwidth / weight_bytes,
         "paths": {
-            "triton": bench_path(model, state, args, True, graph), "twins": bench_path(model, state, args, False)
+            "triton": bench_path(model, state, args, True, graph, served),
+            "twins": bench_path(model, state, args, False),
         },
         "decode_split": [decode_split(model, state, graph, c, args.runs) for c in args.contexts],
+        "prefill_split": [prefill_split(model, state, served, n) for n in args.prompt_lengths],
         "kernels": [] if args.no_kernels else kernel_rows(device, dtype, bandwidth, matmul_rate),
     }  # fmt: skip
     kernels.use_triton(True)

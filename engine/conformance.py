@@ -2,7 +2,9 @@
 
 Checks the engine against golden vectors in the format of shared/conformance/README.md: one prefill of each
 prompt (every row), teacher-forced decode of the golden continuation, free-running greedy decoding, and a chunked
-prefill of prompt + continuation where the folder has one. Prints one row per case; exits 0 only if all pass.
+prefill of prompt + continuation where the folder has one. On CUDA the two decodes and the greedy run's prefill go
+through what the server replays (engine/graph.py: the decode graph, the padded prefill graphs). Prints one row per
+case; exits 0 only if all pass.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from engine.config import ConfigError
+from engine.graph import DecodeGraph, Prefill
 from engine.loader import load_model
 from engine.model import HymbaForCausalLM
 from engine.state import DecodeState
@@ -67,6 +70,8 @@ def margins_of(logits: torch.Tensor) -> torch.Tensor:
 
 def check_case(model: HymbaForCausalLM, state: DecodeState, vec: dict, key: str, tol: Tolerance, window: int | None):
     device = state.ssm.device
+    served_prefill = Prefill(model, state)  # padded CUDA graphs on CUDA; model.prefill on the CPU
+    step = DecodeGraph(model, state).decode if state.pos.is_cuda else model.decode
     prompt = vec[f"{key}.prompt_ids"].to(device)
     gen_ids, gen_logits, gen_margin = vec[f"{key}.gen_ids"], vec[f"{key}.gen_logits"], vec[f"{key}.gen_margin"]
     T = gen_ids.numel()
@@ -80,15 +85,14 @@ def check_case(model: HymbaForCausalLM, state: DecodeState, vec: dict, key: str,
     decode = RowStats()  # teacher-forced: feed the golden ids whatever we would have picked
     rows = [logits[-1]]
     for t in range(1, T):
-        rows.append(model.decode(gen_ids[t - 1].to(device), state))
+        rows.append(step(gen_ids[t - 1].to(device), state).clone())  # a graph's logits buffer is reused
     decode.add(torch.stack(rows), gen_logits, gen_margin, tol)
 
-    state.reset()  # free-running greedy
-    logits, greedy = model.prefill(prompt, state), []
+    logits, greedy = served_prefill(prompt), []  # free-running greedy, from a reset state
     for t in range(T):
         greedy.append(int(logits.argmax()))
         if t + 1 < T:
-            logits = model.decode(torch.tensor(greedy[-1], device=device), state)
+            logits = step(torch.tensor(greedy[-1], device=device), state)
     low = (gen_margin < tol.greedy_margin).nonzero()
     checked = int(low[0]) if len(low) else T  # rows before the first one whose golden margin is within noise
     greedy_ok = greedy[:checked] == gen_ids[:checked].tolist()

@@ -20,7 +20,7 @@ import torch
 from engine import sampling
 from engine.api import EngineError, FinishReason, GenerationRequest, SamplingParams, TokenEvent
 from engine.config import HymbaConfig
-from engine.graph import DecodeGraph
+from engine.graph import DecodeGraph, Prefill
 from engine.loader import load_model
 from engine.model import HymbaForCausalLM
 from engine.state import DecodeState
@@ -51,9 +51,11 @@ class Engine:
         eos_token_ids: tuple[int, ...],
         load_seconds: float,
         graph: DecodeGraph | None = None,
+        prefill: Prefill | None = None,
     ):
         self.model_dir, self.config, self.model, self.state = model_dir, config, model, state
         self.graph = graph
+        self.prefill = prefill or Prefill(model, state, cuda_graphs=False)
         # On CUDA the loop queues step t+1 before reading token t back (the launch returns at once). On the CPU a
         # step runs in the call, so the token is delivered first.
         self.is_pipelined = state.pos.is_cuda
@@ -75,8 +77,8 @@ class Engine:
         cuda_graph: bool = True,
     ) -> Engine:
         """Load a Hugging Face Hymba folder. Raises ConfigError / CheckpointError / TokenizerError / ValueError,
-        each with a one-line message naming the file and the field. On CUDA the decode step is captured as a
-        CUDA graph unless cuda_graph is False (then every step launches its kernels eagerly)."""
+        each with a one-line message naming the file and the field. On CUDA the decode step and short prompts'
+        prefill are captured as CUDA graphs unless cuda_graph is False (then every step launches its kernels)."""
         start = time.perf_counter()
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -85,8 +87,10 @@ class Engine:
         tokenizer = Tokenizer.from_dir(model_dir)  # a bad one fails before the weights are read
         config, model, state = load_model(model_dir, device, dtype, max_model_len)
         graph = DecodeGraph(model, state) if cuda_graph and state.pos.is_cuda else None
+        prefill = Prefill(model, state, cuda_graphs=cuda_graph)
         eos = tuple(dict.fromkeys(config.eos_token_id + gen_eos))
-        return cls(model_dir, config, model, state, tokenizer, defaults, eos, time.perf_counter() - start, graph)
+        seconds = time.perf_counter() - start
+        return cls(model_dir, config, model, state, tokenizer, defaults, eos, seconds, graph, prefill)
 
     def generate(
         self,
@@ -129,9 +133,8 @@ class Engine:
         device, n = self.state.ssm.device, len(prompt)
         if device.type == "cuda":  # this thread's current device: graph replay and events use its stream
             torch.cuda.set_device(device)
-        self.state.reset()
         ids = torch.tensor(prompt, dtype=torch.int64, device=device)
-        logits = self.model.prefill(ids, self.state, all_logits=params.prompt_logprobs is not None)
+        logits = self.prefill(ids, all_logits=params.prompt_logprobs is not None)
         prompt_logprobs = None
         if params.prompt_logprobs is not None:
             prompt_logprobs = sampling.prompt_logprobs(logits, prompt, params.prompt_logprobs)

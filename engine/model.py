@@ -32,8 +32,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)  # fp32; the consumer's matmul rounds it once
+    def forward(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Computed in fp32; written in `dtype`: a matrix product's operand dtype saves it a cast (one rounding
+        either way)."""
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        return kernels.rms_norm(x, self.weight, self.eps, out=out)
 
 
 def rope_tables(config: HymbaConfig, num_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,8 +92,9 @@ class HybridMixer(nn.Module):
         self.A = -torch.exp(self.A_log[0].float())  # (I, N) fp32
         self.conv_weight = self.conv1d.weight[:, 0, :].float()  # (I, K) fp32
 
-    def forward(self, a, state: DecodeState, start: int, stash: dict, cos, sin) -> torch.Tensor:
-        """Prefill. a: (T, D) normalized input for positions start .. start+T-1; returns (T, D)."""
+    def forward(self, a, state: DecodeState, start: int, stash: dict, cos, sin, valid=None) -> torch.Tensor:
+        """Prefill. a: (T, D) normalized input for positions start .. start+T-1; returns (T, D). valid: see
+        HymbaForCausalLM.prefill_padded."""
         T = a.shape[0]
         i, H, Hk, dq = self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim
         q, kv, x, z = linear(a, self.in_proj.weight, self.in_proj.bias).split(self.splits, dim=-1)  # fp32
@@ -111,15 +115,16 @@ class HybridMixer(nn.Module):
         attn = kernels.attention_prefill(q, keys, values, q_pos, k_pos, self.window, self.num_meta)
 
         # --- SSM heads ---
-        u = kernels.causal_conv1d(x, self.conv_weight, self.conv1d.bias, state.conv[i])  # (T, I)
+        u = kernels.causal_conv1d(x, self.conv_weight, self.conv1d.bias, state.conv[i], valid)  # (T, I)
         dt, B, C = linear(u, self.x_proj[0].weight).split(self.ssm_splits, dim=-1)
         if self.inner_norms:
-            dt, B, C = self.dt_layernorm(dt), self.B_layernorm(B), self.C_layernorm(C)
+            dt, B, C = self.dt_layernorm(dt, self.dt_proj[0].weight.dtype), self.B_layernorm(B), self.C_layernorm(C)
         dt = linear(dt, self.dt_proj[0].weight)  # its bias is added in fp32 inside the softplus (Q8)
-        y = kernels.selective_scan(u, dt, self.A, B, C, self.D[0], z, self.dt_proj[0].bias, state.ssm[i])  # (T, I)
+        y = kernels.selective_scan(u, dt, self.A, B, C, self.D[0], z, self.dt_proj[0].bias, state.ssm[i], valid=valid)
 
         norm1, norm2 = self.pre_avg_layernorm1, self.pre_avg_layernorm2
-        mixed = kernels.rms_norm_average(attn.reshape(T, -1), y, norm1.weight, norm2.weight, norm1.eps)
+        mixed = torch.empty(T, y.shape[1], dtype=self.out_proj.weight.dtype, device=y.device)  # out_proj's operand
+        kernels.rms_norm_average(attn.reshape(T, -1), y, norm1.weight, norm2.weight, norm1.eps, out=mixed)
         return linear(mixed, self.out_proj.weight, self.out_proj.bias)
 
     def decode_attention(self, proj, state: DecodeState, indices: dict, cos, sin) -> torch.Tensor:
@@ -160,10 +165,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_gated:  # SwiGLU
-            return linear(
-                F.silu(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight), self.down_proj.weight
-            )
+        """x: (T, D), ideally already in the weights' dtype (the operand of both products)."""
+        dtype = self.down_proj.weight.dtype
+        if self.is_gated:  # SwiGLU, written in the down projection's operand dtype
+            act = kernels.swiglu(linear(x, self.gate_proj.weight), linear(x, self.up_proj.weight), dtype)
+            return linear(act, self.down_proj.weight)
         return linear(F.relu(linear(x, self.up_proj.weight)).square(), self.down_proj.weight)  # relu2
 
 
@@ -186,10 +192,11 @@ class HymbaLayer(nn.Module):
         self.pre_moe_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.moe = MoE(c)
 
-    def forward(self, h, state, start, stash, cos, sin) -> torch.Tensor:
+    def forward(self, h, state, start, stash, cos, sin, valid=None) -> torch.Tensor:
         """Prefill: h (T, D) -> (T, D)."""
-        h = h + self.mamba(self.input_layernorm(h), state, start, stash, cos, sin)
-        return h + self.moe(self.pre_moe_layernorm(h))
+        dtype = self.mamba.in_proj.weight.dtype  # the norms write the products' operands directly
+        h = h + self.mamba(self.input_layernorm(h, dtype), state, start, stash, cos, sin, valid)
+        return h + self.moe(self.pre_moe_layernorm(h, dtype))
 
     def decode(self, h: torch.Tensor, state: DecodeState, indices: dict, cos, sin, side_stream=None) -> None:
         """Decode: h (D,) fp32, updated in place. Each norm runs inside the matrix-vector product after it and
@@ -277,6 +284,23 @@ class HymbaForCausalLM(nn.Module):
         return torch.cat(rows) if all_logits else rows[-1][0]
 
     @torch.no_grad()
+    def prefill_padded(self, ids: torch.Tensor, valid: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """A request's prompt in one chunk padded to a fixed length, for engine/graph.py to capture once per length:
+        ids (T,) int64 of which the first `valid` (a 0-d int64 device tensor, 1 <= valid <= T) are the prompt.
+        The state must be fresh from reset(); returns the (V,) fp32 logits of the last prompt token. Device work
+        only; the caller sets state.num_tokens to num_meta + valid afterwards.
+
+        Why padding is exact here: the padding rows come after every prompt row, so causal attention hides them
+        from it; they leave the conv and SSM states alone (`valid` is read by those kernels); and with T no longer
+        than any sliding window, their keys land in ring slots past the prompt's, which decode overwrites before
+        it reads them (decode sees only slots below its position)."""
+        start, T = state.num_tokens, ids.numel()
+        assert start == state.num_meta, "prefill_padded starts a request, right after reset()"
+        assert all(w is None or T <= w for w in state.window.values()), "padding must fit every sliding window"
+        h = self._layers(self._embed(ids), state, start, valid)
+        return self._logits(h.index_select(0, (valid - 1).view(1)))[0]
+
+    @torch.no_grad()
     def decode(self, token: torch.Tensor, state: DecodeState) -> torch.Tensor:
         """One generated token (0-d or (1,) int64) at position state.num_tokens; returns (V,) fp32 logits."""
         if state.num_tokens >= state.max_positions:
@@ -309,15 +333,20 @@ class HymbaForCausalLM(nn.Module):
     def _run(self, h: torch.Tensor, state: DecodeState) -> torch.Tensor:
         """h: (T, D) embeddings of positions state.num_tokens ...; returns the final hidden states (T, D)."""
         start, T = state.num_tokens, h.shape[0]
+        h = self._layers(h, state, start)
+        state.set_num_tokens(start + T)
+        return h
+
+    def _layers(self, h: torch.Tensor, state: DecodeState, start: int, valid=None) -> torch.Tensor:
+        T = h.shape[0]
         if start + T > state.max_positions:
             raise ValueError(f"position {start + T - 1} is past the context limit ({state.max_positions} positions)")
         cos, sin = self.cos[start : start + T], self.sin[start : start + T]
         stash: dict = {}  # producer layer -> (keys, values, key positions) of this prefill call
         for layer in self.model.layers:
-            h = layer(h, state, start, stash, cos, sin)
-        state.set_num_tokens(start + T)
+            h = layer(h, state, start, stash, cos, sin, valid)
         return h
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits (spec 6.1 step 5)."""
-        return linear(self.model.final_layernorm(h), self.lm_head_weight)
+        return linear(self.model.final_layernorm(h, self.lm_head_weight.dtype), self.lm_head_weight)

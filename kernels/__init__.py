@@ -16,6 +16,7 @@ from kernels import rms_norm as _norm
 from kernels import rope as _rope
 from kernels import selective_scan as _scan
 from kernels import ssm_update as _update
+from kernels import swiglu as _swiglu
 from kernels._triton import HAS_TRITON
 
 _use_triton = HAS_TRITON
@@ -32,11 +33,12 @@ def _on_triton(x: Tensor) -> bool:
 
 
 def selective_scan(
-    u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, dt_bias: Tensor, ssm_state: Tensor
-) -> Tensor:
+    u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, dt_bias: Tensor, ssm_state: Tensor,
+    valid: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     if _on_triton(u):
-        return _scan.selective_scan(u, dt, A, B, C, D, z, dt_bias, ssm_state)
-    return _scan.selective_scan_ref(u, dt, A, B, C, D, z, dt_bias, ssm_state)
+        return _scan.selective_scan(u, dt, A, B, C, D, z, dt_bias, ssm_state, valid=valid)
+    return _scan.selective_scan_ref(u, dt, A, B, C, D, z, dt_bias, ssm_state, valid=valid)
 
 
 def ssm_update(
@@ -56,10 +58,12 @@ def ssm_update(
     return _update.ssm_update_ref(state, x, dbc, dt_weight, dt_bias, A, D, z, norm_weights, eps)
 
 
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor) -> Tensor:
+def causal_conv1d(
+    x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor, valid: Tensor | None = None
+) -> Tensor:
     if _on_triton(x):
-        return _conv.causal_conv1d(x, weight, bias, conv_state)
-    return _conv.causal_conv1d_ref(x, weight, bias, conv_state)
+        return _conv.causal_conv1d(x, weight, bias, conv_state, valid=valid)
+    return _conv.causal_conv1d_ref(x, weight, bias, conv_state, valid=valid)
 
 
 def causal_conv1d_update(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor) -> Tensor:
@@ -82,16 +86,24 @@ def attention_decode(q: Tensor, k_buf: Tensor, v_buf: Tensor, num_valid: Tensor 
     return _attention.attention_decode_ref(q, k_buf, v_buf, num_valid)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float, *, out: Tensor | None = None) -> Tensor:
     if _on_triton(x):
-        return _norm.rms_norm(x, weight, eps)
-    return _norm.rms_norm_ref(x, weight, eps)
+        return _norm.rms_norm(x, weight, eps, out=out)
+    return _norm.rms_norm_ref(x, weight, eps, out=out)
 
 
-def rms_norm_average(a: Tensor, b: Tensor, weight_a: Tensor, weight_b: Tensor, eps: float) -> Tensor:
+def rms_norm_average(
+    a: Tensor, b: Tensor, weight_a: Tensor, weight_b: Tensor, eps: float, *, out: Tensor | None = None
+) -> Tensor:
     if _on_triton(a):
-        return _norm.rms_norm_average(a, b, weight_a, weight_b, eps)
-    return _norm.rms_norm_average_ref(a, b, weight_a, weight_b, eps)
+        return _norm.rms_norm_average(a, b, weight_a, weight_b, eps, out=out)
+    return _norm.rms_norm_average_ref(a, b, weight_a, weight_b, eps, out=out)
+
+
+def swiglu(gate: Tensor, up: Tensor, out_dtype) -> Tensor:
+    if _on_triton(gate):
+        return _swiglu.swiglu(gate, up, out_dtype)
+    return _swiglu.swiglu_ref(gate, up, out_dtype)
 
 
 def rope_decode(
@@ -151,5 +163,6 @@ __all__ = [
     "rope_decode",
     "selective_scan",
     "ssm_update",
+    "swiglu",
     "use_triton",
 ]

@@ -20,10 +20,10 @@ BLOCK_D_UPDATE = 256  # decode: 13 programs at d_inner = 3200
 
 @triton.jit
 def _causal_conv1d_kernel(
-    x_ptr, weight_ptr, bias_ptr, state_ptr, out_ptr,  # pointers
+    x_ptr, weight_ptr, bias_ptr, state_ptr, out_ptr, valid_ptr,  # pointers
     T, d,  # sizes
     stride_x_t, stride_out_t, stride_w_d, stride_state_d,  # strides, in elements (channels are contiguous)
-    K: tl.constexpr, BLOCK_KM1: tl.constexpr, HAS_BIAS: tl.constexpr,  # meta
+    K: tl.constexpr, BLOCK_KM1: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr,  # meta
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     i_t = tl.program_id(0)
@@ -48,14 +48,18 @@ def _causal_conv1d_kernel(
              mask=mask_t[:, None] & mask_d[None, :])  # fmt: skip
 
     # The first time tile is the only reader of the old state, so it alone writes the new one: the last K-1
-    # inputs of [old state | x], i.e. column j <- input time T-(K-1)+j (from x if >= 0, else old column T+j).
+    # inputs of [old state | x[:n]], i.e. column j <- input time n-(K-1)+j (from x if >= 0, else old column n+j),
+    # where n = T, or the count of real rows of a padded chunk (read on the device).
     if i_t == 0:
+        n = T
+        if HAS_VALID:
+            n = tl.load(valid_ptr).to(tl.int32)
         offs_j = tl.arange(0, BLOCK_KM1)
-        src_j = T - (K - 1) + offs_j
+        src_j = n - (K - 1) + offs_j
         mask_j = (offs_j < K - 1)[None, :] & mask_d[:, None]
         new = tl.load(x_ptr + src_j[None, :] * stride_x_t + offs_d[:, None], mask=mask_j & (src_j >= 0)[None, :],
                       other=0.0).to(tl.float32)  # fmt: skip
-        new += tl.load(state_ptr + offs_d[:, None] * stride_state_d + (T + offs_j)[None, :],
+        new += tl.load(state_ptr + offs_d[:, None] * stride_state_d + (n + offs_j)[None, :],
                        mask=mask_j & (src_j < 0)[None, :], other=0.0)  # fmt: skip
         tl.debug_barrier()  # every thread has read the old state before any thread overwrites it
         tl.store(state_ptr + offs_d[:, None] * stride_state_d + offs_j[None, :], new, mask=mask_j)
@@ -99,11 +103,14 @@ def causal_conv1d(
     conv_state: torch.Tensor,
     *,
     out: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Conv over a chunk of T tokens; conv_state ends holding the chunk's last K-1 inputs (older ones if T < K-1).
 
     x: (T, d) any float dtype, rows may be strided     weight: (d, K) fp32     bias: (d,) fp32 or None
     conv_state: (d, K-1) fp32, updated in place       returns u: (T, d) in x.dtype (written into `out` if given)
+    valid: None, or a 0-d int64 device tensor n <= T: only the first n rows are tokens (a padded chunk in a CUDA
+    graph), so the state ends holding the last K-1 inputs of x[:n]; the outputs of rows past n are not used.
     """
     T, d = x.shape
     K = weight.shape[1]
@@ -112,10 +119,11 @@ def causal_conv1d(
     out = torch.empty(T, d, dtype=x.dtype, device=x.device) if out is None else out
     grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(d, BLOCK_D))
     _causal_conv1d_kernel[grid](
-        x, weight, bias, conv_state, out,
+        x, weight, bias, conv_state, out, valid,
         T, d,
         x.stride(0), out.stride(0), weight.stride(0), conv_state.stride(0),
-        K=K, BLOCK_KM1=triton.next_power_of_2(K - 1), HAS_BIAS=bias is not None, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+        K=K, BLOCK_KM1=triton.next_power_of_2(K - 1), HAS_BIAS=bias is not None, HAS_VALID=valid is not None,
+        BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
     )  # fmt: skip
     return out
 
@@ -150,13 +158,15 @@ def causal_conv1d_ref(
     conv_state: torch.Tensor,
     *,
     out: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as causal_conv1d, through F.conv1d over [conv_state | x] in fp32."""
-    d = x.shape[1]
+    T, d = x.shape
     K = weight.shape[1]
     xs = torch.cat([conv_state, x.float().t()], dim=1)  # (d, K-1+T) fp32
     u = F.conv1d(xs.unsqueeze(0), weight.unsqueeze(1), bias, groups=d).squeeze(0)  # (d, T)
-    conv_state.copy_(xs[:, xs.shape[1] - (K - 1) :])
+    n = T if valid is None else valid  # the state's columns: inputs n-(K-1) .. n-1, gathered without a sync
+    conv_state.copy_(xs.index_select(1, torch.arange(K - 1, device=xs.device) + n))
     result = F.silu(u).t().to(x.dtype)
     return result if out is None else out.copy_(result)
 

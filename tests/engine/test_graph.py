@@ -88,3 +88,36 @@ def test_an_engine_on_the_second_gpu_generates_what_the_first_does(engines):
     want = [e.token_id for e in run(first, prompt, max_tokens=50, temperature=0, ignore_eos=True)]
     torch.cuda.set_device(0)
     assert [e.token_id for e in run(second, prompt, max_tokens=50, temperature=0, ignore_eos=True)] == want
+
+
+@pytest.mark.parametrize("n", [1, 6, 16])
+def test_prefill_graph_equals_eager_padded_and_matches_unpadded(engines, n):
+    """A prompt of n <= 16 tokens (the window) is padded to 16 and replayed from the prefill graph: bit-identical
+    to the same padded kernels run eagerly, and within summation-order noise of the unpadded prefill, state too."""
+    graphed, eager = engines
+    assert sorted(graphed.prefill.graphs) == graphed.prefill.lengths == [16] and not eager.prefill.graphs
+    ids = torch.randint(3, graphed.config.vocab_size, (n,), device="cuda")
+    from_graph = graphed.prefill(ids).clone()
+    state = graphed.state
+    assert state.num_tokens == state.num_meta + n and int(state.pos) == state.num_tokens
+    assert torch.equal(from_graph, eager.prefill(ids))
+    conv, ssm = state.conv.clone(), state.ssm.clone()
+    after = graphed.model.decode(torch.tensor(7, device="cuda"), state)
+
+    state = eager.state
+    state.reset()
+    unpadded = eager.model.prefill(ids, state)
+    torch.testing.assert_close(from_graph, unpadded, atol=2e-2, rtol=0)  # fp32 sums over bf16 operands, 2 shapes
+    torch.testing.assert_close(conv, state.conv, atol=2e-2, rtol=0)
+    torch.testing.assert_close(ssm, state.ssm, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(after, eager.model.decode(torch.tensor(7, device="cuda"), state), atol=2e-2, rtol=0)
+
+
+def test_prompt_logprobs_and_long_prompts_prefill_eagerly(engines):
+    graphed, _ = engines
+    ids = torch.randint(3, graphed.config.vocab_size, (40,), device="cuda")
+    state = graphed.state
+    logits = graphed.prefill(ids)  # longer than the 16-token graph: model.prefill
+    assert logits.shape == (graphed.config.vocab_size,) and state.num_tokens == state.num_meta + 40
+    assert graphed.prefill(ids[:5], all_logits=True).shape == (5, graphed.config.vocab_size)
+    assert state.num_tokens == state.num_meta + 5

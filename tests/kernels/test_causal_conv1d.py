@@ -72,3 +72,18 @@ def test_chunked_prefill_equals_one_call(device, seed):
     chunks = [causal_conv1d(x[t0:t1], weight, bias, chunk_state) for t0, t1 in ((0, 1), (1, 3), (3, 9))]
     assert_close("out", torch.cat(chunks), out, torch.float32)
     assert_close("conv_state", chunk_state, state, torch.float32)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 9])
+@pytest.mark.parametrize("conv", [causal_conv1d, causal_conv1d_ref], ids=lambda f: f.__name__)
+def test_a_padded_chunk_leaves_the_state_of_its_real_rows(conv, n, device, seed):
+    """valid = n (a device tensor, as a CUDA graph's padded prompt has it): the state and the first n outputs are
+    those of the unpadded call on x[:n], whatever the padding rows hold. n = 1, 2 are shorter than K-1."""
+    T, d, K = 9, 20, 4
+    x, weight, bias, state = make_conv_inputs(T, d, K, torch.float32, device)
+    want_state = state.clone()
+    want = causal_conv1d_ref(x[:n], weight, bias, want_state)
+    x[n:] = 1e4  # padding must not reach the state
+    out = conv(x, weight, bias, state, valid=torch.tensor(n, device=device))
+    assert_close("out", out[:n], want, torch.float32)
+    assert_close("conv_state", state, want_state, torch.float32)

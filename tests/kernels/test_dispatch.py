@@ -24,6 +24,7 @@ FAMILIES = {
     "norm_gemv": "gemv",
     "norm_average_gemv": "gemv",
     "mlp_gemv": "gemv",
+    "swiglu": "swiglu",
 }
 
 
@@ -53,6 +54,7 @@ def call_every_op(device) -> None:
     kernels.norm_gemv(x[0], x[0], 1e-6, x)
     kernels.norm_average_gemv(x[0], x[0], x[0], x[0], 1e-6, x, None)
     kernels.mlp_gemv(x[0], x[0], 1e-6, x, x)
+    kernels.swiglu(x, x, torch.float16)
 
 
 def test_cpu_tensors_get_the_twins_whatever_the_environment(monkeypatch):

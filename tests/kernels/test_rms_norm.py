@@ -20,6 +20,9 @@ def check_norms(T: int, n: int, x_dtype: torch.dtype, dtype: torch.dtype, device
     assert_close("rms_norm", out, rms_norm_ref(x, wa, EPS), dtype)
     out = rms_norm_average(x, b, wa, wb, EPS, out=nan_empty(T, n, dtype=torch.float32, device=device))
     assert_close("rms_norm_average", out, rms_norm_average_ref(x, b, wa, wb, EPS), dtype)
+    # written straight in the weights' dtype, as prefill hands it to a matrix product: one rounding of the fp32 norm
+    out = rms_norm(x, wa, EPS, out=nan_empty(T, n, dtype=dtype, device=device))
+    assert_close("rms_norm into the operand dtype", out, rms_norm_ref(x, wa, EPS).to(dtype), dtype)
 
 
 @pytest.mark.parametrize("T, n", [(1, 16), (7, 50), (3, 100)], ids=str)
