@@ -61,6 +61,11 @@ def graph_time(calls, replays: int = 5) -> float:
     with torch.cuda.graph(graph):
         for call in calls:
             call()
+    return statistics.median(replay_seconds(graph, replays)) / len(calls)
+
+
+def replay_seconds(graph, replays: int, after=lambda: None) -> list[float]:
+    """Seconds of each of `replays` replays of `graph`, by CUDA events; after() runs once each replay is done."""
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -68,8 +73,9 @@ def graph_time(calls, replays: int = 5) -> float:
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / len(calls))
-    return statistics.median(times)
+        times.append(start.elapsed_time(end) / 1e3)
+        after()
+    return times
 
 
 def gemv_cases(device, dtype):
@@ -222,16 +228,9 @@ def chain_time(layers, head, h0, side, replays: int = 20) -> tuple[float, list[t
     with torch.cuda.graph(graph):
         h.copy_(h0)
         logits = chain_step(h, layers, head, ops, side)
-    times, outputs = [], []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-        outputs.append(logits.clone())
-    return statistics.median(times), outputs
+    outputs = []
+    times = replay_seconds(graph, replays, after=lambda: outputs.append(logits.clone()))
+    return statistics.median(times) * 1e6, outputs
 
 
 def chain(device, dtype, modes, num_layers: int = 32) -> list[dict]:
