@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._triton import tl, triton
-from kernels.rms_norm import rms_norm_average_ref, rms_norm_ref
+from kernels.rms_norm import _normalize_row, rms_norm_average_ref, rms_norm_ref
 
 # Launch shape (BLOCK_N, programs per multiprocessor, num_warps) by weight shape: the fastest on the H100 for each of
 # the 1.5B model's decode products (tools/sweep_gemv.py: every shape whose weight tile fits the registers, timed with
@@ -89,14 +89,6 @@ def _load_tile(w_ptr, rows, N, stride_w, offs_k, mask_k):
 
 
 @triton.jit
-def _normalized(x_ptr, nw_ptr, offs_k, mask_k, K, eps):
-    """x * rsqrt(mean(x^2) + eps) * nw over the whole row, fp32."""
-    x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    nw = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    return x * tl.rsqrt(tl.sum(x * x, axis=0) / K + eps) * nw
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, x2_ptr, nw_ptr, nw2_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr,  # pointers
     N, K, eps, stride_w, stride_w2,  # sizes, strides in elements
@@ -119,9 +111,9 @@ def _gemv_kernel(
     if NORM == 0:
         x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
     else:
-        x = _normalized(x_ptr, nw_ptr, offs_k, mask_k, K, eps)
+        x = _normalize_row(x_ptr, nw_ptr, offs_k, mask_k, K, eps)  # the whole row: the prefill norm's own code
     if NORM == 2:
-        x = (x + _normalized(x2_ptr, nw2_ptr, offs_k, mask_k, K, eps)) * 0.5
+        x = (x + _normalize_row(x2_ptr, nw2_ptr, offs_k, mask_k, K, eps)) * 0.5
     x = x.to(w_ptr.dtype.element_ty).to(tl.float32)[None, :]  # the one rounding to the operand dtype
     for row0 in range(first_row, N, step):
         rows = row0 + offs_n
