@@ -68,10 +68,18 @@ def margins_of(logits: torch.Tensor) -> torch.Tensor:
     return top2[..., 0] - top2[..., 1]
 
 
-def check_case(model: HymbaForCausalLM, state: DecodeState, vec: dict, key: str, tol: Tolerance, window: int | None):
+def check_case(
+    model: HymbaForCausalLM,
+    state: DecodeState,
+    served_prefill: Prefill,
+    step,
+    vec: dict,
+    key: str,
+    tol: Tolerance,
+    window: int | None,
+):
+    """step: the decode the server runs (a DecodeGraph's replay on CUDA, model.decode on the CPU)."""
     device = state.ssm.device
-    served_prefill = Prefill(model, state)  # padded CUDA graphs on CUDA; model.prefill on the CPU
-    step = DecodeGraph(model, state).decode if state.pos.is_cuda else model.decode
     prompt = vec[f"{key}.prompt_ids"].to(device)
     gen_ids, gen_logits, gen_margin = vec[f"{key}.gen_ids"], vec[f"{key}.gen_logits"], vec[f"{key}.gen_margin"]
     T = gen_ids.numel()
@@ -117,10 +125,12 @@ def check_folder(folder: Path, device: str, dtype: str) -> bool:
     need = max(vec[f"{k}.prompt_ids"].numel() + vec[f"{k}.gen_ids"].numel() for k in keys)
     config, model, state = load_model(folder, device, dtype, max_model_len=need)
     tol = TOLERANCES[model.model.embed_tokens.weight.dtype]
+    served_prefill = Prefill(model, state)  # padded CUDA graphs on CUDA, captured once per folder; CPU: model.prefill
+    step = DecodeGraph(model, state).decode if state.pos.is_cuda else model.decode
     all_ok = True
     for case in cases:
         prefill, decode, greedy_ok, num_matching, checked, chunked = check_case(
-            model, state, vec, case["key"], tol, config.sliding_window
+            model, state, served_prefill, step, vec, case["key"], tol, config.sliding_window
         )
         ok = prefill.ok(tol) and decode.ok(tol) and greedy_ok and (chunked is None or chunked.ok(tol))
         all_ok &= ok
