@@ -197,8 +197,8 @@ _PREFILL_PARTS = {"_selective_scan": "scan", "_attention_prefill": "attention", 
 
 def prefill_split(model: HymbaForCausalLM, state: DecodeState, served, num_tokens: int) -> dict:
     """Where a prefill's device time goes: the profiler's kernel times of one prefill as served (a graph replays the
-    same kernels, so this profiles them run eagerly: the padded kernels up to the largest graph, model.prefill past
-    it), grouped into parts, with the ten costliest kernels and the number of kernels."""
+    same kernels, so this profiles them run eagerly: the same padded chunks), grouped into parts, with the ten
+    costliest kernels and the number of kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     kernels.use_triton(True)
@@ -442,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=ints, default=[128, 1024, 8192])
     parser.add_argument("--runs", type=int, default=5, help="timed runs per measure (the twins get half, at least 3)")
     parser.add_argument("--no-kernels", action="store_true", help="skip the per-kernel table")
+    parser.add_argument("--no-twins", action="store_true", help="skip the PyTorch twins (a quick Triton-only run)")
     parser.add_argument("--json", type=Path, help="write every number here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -458,21 +459,20 @@ def main(argv: list[str] | None = None) -> int:
     state = DecodeState(config, max_model_len, device, dtype)
     model.prefill_meta_tokens(state)
     graph = DecodeGraph(model, state)
-    served = Prefill(model, state)  # CUDA graphs for prompts up to engine.graph.PREFILL_GRAPH_MAX_TOKENS
+    served = Prefill(model, state)  # the prompt's chunks replayed from CUDA graphs
 
     result = {
         "device": torch.cuda.get_device_name(device), "dtype": args.dtype, "config": str(args.config or "Hymba-1.5B"),
         "copy_bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": matmul_rate, "weight_bytes": weight_bytes,
         "state_bytes": state.nbytes, "max_model_len": max_model_len, "prompt_lengths": args.prompt_lengths,
         "contexts": args.contexts, "decode_roofline_tokens_per_s": bandwidth / weight_bytes,
-        "paths": {
-            "triton": bench_path(model, state, args, True, graph, served),
-            "twins": bench_path(model, state, args, False),
-        },
+        "paths": {"triton": bench_path(model, state, args, True, graph, served)},
         "decode_split": [decode_split(model, state, graph, c, args.runs) for c in args.contexts],
         "prefill_split": [prefill_split(model, state, served, n) for n in args.prompt_lengths],
         "kernels": [] if args.no_kernels else kernel_rows(device, dtype, bandwidth, matmul_rate),
     }  # fmt: skip
+    if not args.no_twins:
+        result["paths"]["twins"] = bench_path(model, state, args, False)
     kernels.use_triton(True)
     print_report(result)
     if args.json:

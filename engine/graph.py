@@ -12,10 +12,11 @@ back in one fixed buffer, overwritten by the next replay.
 Same kernels, same order as the eager step, so a graph replay gives bit-identical logits (tests/engine/
 test_graph.py checks whole generations against the eager path on the GPU).
 
-Prefill: a request's reset and prompt as served. A prefill chunk is about 2,000 kernels; eagerly its time is the
-host's launches (40 ms at 128 tokens, GPU work about 3 ms). On CUDA, prompts up to PREFILL_GRAPH_MAX_TOKENS (and
-no longer than any sliding window) are padded to the next of a few lengths and replayed from that length's graph
-(HymbaForCausalLM.prefill_padded says why padding is exact); longer prompts and prompt logprobs run eagerly.
+Prefill: a request's reset and prompt as served. A prefill chunk is about 1,000 kernels; eagerly its time is the
+host's launches (40 ms at 128 tokens, GPU work about 3 ms; 50 ms against 30 ms for a 2048-token chunk). On CUDA the
+prompt runs in chunks of DEFAULT_PREFILL_CHUNK tokens, each replayed from a graph captured for its start and length:
+every chunk but the last is full; the last is padded to the next of a few lengths (HymbaForCausalLM.prefill_padded
+says why padding is exact). Chunks past PREFILL_GRAPH_CHUNKS, and prompt logprobs, run eagerly.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import torch
 from engine.model import DEFAULT_PREFILL_CHUNK, HymbaForCausalLM
 from engine.state import DecodeState
 
-# Padded lengths of the prefill graphs: padding costs at most a third past 256 tokens (a short prompt's GPU time is
-# mostly fixed per kernel, so powers of two suffice below). Their activations share one memory pool.
-PREFILL_GRAPH_LENGTHS = (16, 32, 64, 128, 256, 384, 512, 768, 1024)
-PREFILL_GRAPH_MAX_TOKENS = PREFILL_GRAPH_LENGTHS[-1]
+# Padded lengths of a prompt's last chunk: the first chunk's (a short prompt's GPU time is mostly fixed per kernel, so
+# powers of two suffice below 256; padding costs at most a third past it), and a later chunk's (a few steps: its
+# padding costs at most 512 rows against the 2048 of the chunks before it). All graphs share one memory pool.
+PREFILL_GRAPH_LENGTHS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
+LATER_CHUNK_LENGTHS = (512, 1024, 1536, 2048)
+PREFILL_GRAPH_CHUNKS = 8  # chunks with graphs: 16k prompt tokens; each costs its capture at load
 
 
 class DecodeGraph:
@@ -72,55 +75,74 @@ class DecodeGraph:
 class Prefill:
     """The served prefill: state.reset() and the prompt, returning the last token's logits (or every token's)."""
 
-    def __init__(self, model: HymbaForCausalLM, state: DecodeState, cuda_graphs: bool = True):
-        """On CUDA, prompts up to the largest padded length that fits this model (no longer than any sliding window,
-        one prefill chunk or the context limit) are padded; with cuda_graphs each padded length is captured once.
-        Without graphs the same padded kernels run eagerly, so both give bit-identical logits."""
-        self.model, self.state = model, state
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # padded length -> (graph, logits)
-        self.lengths: list[int] = []
+    def __init__(
+        self, model: HymbaForCausalLM, state: DecodeState, cuda_graphs: bool = True, chunk: int = DEFAULT_PREFILL_CHUNK
+    ):
+        """On CUDA the prompt's chunks are padded (module docstring); with cuda_graphs each chunk's lengths are
+        captured once. Without graphs the same padded kernels run eagerly, so both give bit-identical logits."""
+        self.model, self.state, self.chunk = model, state, chunk
+        self.lengths: list[list[int]] = []  # per chunk of a prompt: its padded lengths, ascending
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (chunk, length) ->
         if not state.pos.is_cuda:  # a CPU step's time is its arithmetic: padding would only add to it
             return
-        windows = [w for w in state.window.values() if w is not None]
-        limit = min([PREFILL_GRAPH_MAX_TOKENS, DEFAULT_PREFILL_CHUNK, state.max_positions - state.num_meta, *windows])
-        if limit >= PREFILL_GRAPH_LENGTHS[0]:
-            self.lengths = [n for n in PREFILL_GRAPH_LENGTHS if n < limit] + [limit]
+        for c in range(PREFILL_GRAPH_CHUNKS):
+            room = min(self.chunk, state.max_positions - self.start(c))  # the RoPE tables end at the context limit
+            if room < 1:
+                break
+            self.lengths.append([n for n in (LATER_CHUNK_LENGTHS if c else PREFILL_GRAPH_LENGTHS) if n < room] + [room])
         device = state.pos.device
-        self.ids = torch.zeros(max(self.lengths, default=0), dtype=torch.int64, device=device)  # the graphs' inputs
+        self.ids = torch.zeros(self.chunk, dtype=torch.int64, device=device)  # the graphs' inputs
         self.valid = torch.ones((), dtype=torch.int64, device=device)
         if not (cuda_graphs and self.lengths):
             return
         torch.cuda.set_device(device)
         side, pool = torch.cuda.Stream(device), torch.cuda.graph_pool_handle()
         side.wait_stream(torch.cuda.current_stream(device))
-        for n in reversed(self.lengths):  # the largest first: the pool grows once, the others reuse it
+        # the largest first: the pool grows once, the others reuse it
+        for n, c in sorted(((n, c) for c, lengths in enumerate(self.lengths) for n in lengths), reverse=True):
             with torch.cuda.stream(side):  # warm-up: Triton compiles and cuBLAS picks its kernels outside capture
-                state.reset()
-                model.prefill_padded(self.ids[:n], self.valid, state)
+                self._chunk(c, n)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=side):  # the stream named as in DecodeGraph
-                state.reset()
-                logits = model.prefill_padded(self.ids[:n], self.valid, state)
-            self.graphs[n] = (graph, logits)
+                logits = self._chunk(c, n)
+            self.graphs[c, n] = (graph, logits)
         torch.cuda.current_stream(device).wait_stream(side)
         state.reset()
         torch.cuda.synchronize(device)
 
+    def start(self, c: int) -> int:
+        """The first position of a prompt's chunk c."""
+        return self.state.num_meta + c * self.chunk
+
+    def _chunk(self, c: int, n: int) -> torch.Tensor:
+        """Chunk c padded to n rows, eagerly (what a graph captures): the first chunk starts with the reset."""
+        if c == 0:
+            self.state.reset()
+        self.state.num_tokens = self.start(c)  # the host's count, read by prefill_padded (state.pos is set at the end)
+        return self.model.prefill_padded(self.ids[:n], self.valid, self.state)
+
     def __call__(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """ids: (n,) int64 on the state's device. Returns (V,) fp32 logits, or (n, V) with all_logits. A graph's
         logits buffer is overwritten by that graph's next replay, so read it before the next request."""
-        n = ids.numel()
-        padded = None if all_logits else next((m for m in self.lengths if m >= n), None)
-        if padded is None:
-            self.state.reset()
-            return self.model.prefill(ids, self.state, all_logits=all_logits)
-        self.ids[:n].copy_(ids)
-        self.valid.fill_(n)
-        if padded in self.graphs:
-            graph, logits = self.graphs[padded]
-            graph.replay()
-        else:
-            self.state.reset()
-            logits = self.model.prefill_padded(self.ids[:padded], self.valid, self.state)
-        self.state.set_num_tokens(self.state.num_meta + n)
+        n, state = ids.numel(), self.state
+        if all_logits or not self.lengths:
+            state.reset()
+            return self.model.prefill(ids, state, all_logits=all_logits)
+        logits = None
+        for c in range((n + self.chunk - 1) // self.chunk):
+            first, take = c * self.chunk, min(self.chunk, n - c * self.chunk)
+            padded = next((m for m in self.lengths[c] if m >= take), None) if c < len(self.lengths) else None
+            if padded is None:  # past the chunks with graphs (or the context: model.prefill says so)
+                if c == 0:
+                    state.reset()
+                state.set_num_tokens(self.start(c))
+                return self.model.prefill(ids[first:], state)
+            self.ids[:take].copy_(ids[first : first + take])  # stream-ordered after the previous chunk's replay
+            self.valid.fill_(take)
+            if (c, padded) in self.graphs:
+                graph, logits = self.graphs[c, padded]
+                graph.replay()
+            else:
+                logits = self._chunk(c, padded)
+        state.set_num_tokens(state.num_meta + n)
         return logits

@@ -50,11 +50,14 @@ def rope_tables(config: HymbaConfig, num_positions: int, device) -> tuple[torch.
     return emb.cos().to(device), emb.sin().to(device)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (T, heads, dq) fp32; cos, sin: (T, dq) fp32. GPT-NeoX 'rotate half' form."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+def _positions(stash: dict, m: int, lo: int, hi: int, device) -> torch.Tensor:
+    """Positions [0, m) then [lo, hi) as an int64 device tensor, made once per prefill call (built on the device: a
+    CUDA graph cannot capture a copy from the host)."""
+    key = ("positions", m, lo, hi)
+    if key not in stash:
+        recent = torch.arange(lo, hi, device=device)
+        stash[key] = torch.cat([torch.arange(m, device=device), recent]) if m else recent
+    return stash[key]
 
 
 class HybridMixer(nn.Module):
@@ -92,27 +95,32 @@ class HybridMixer(nn.Module):
         self.A = -torch.exp(self.A_log[0].float())  # (I, N) fp32
         self.conv_weight = self.conv1d.weight[:, 0, :].float()  # (I, K) fp32
 
-    def forward(self, a, state: DecodeState, start: int, stash: dict, cos, sin, valid=None) -> torch.Tensor:
-        """Prefill. a: (T, D) normalized input for positions start .. start+T-1; returns (T, D). valid: see
-        HymbaForCausalLM.prefill_padded."""
+    def forward(self, a, h, state: DecodeState, start: int, stash: dict, cos, sin, valid=None) -> torch.Tensor:
+        """Prefill. a: (T, D) normalized input for positions start .. start+T-1; returns h + the mixer's output
+        (T, D), the residual added by out_proj. valid: see HymbaForCausalLM.prefill_padded."""
         T = a.shape[0]
-        i, H, Hk, dq = self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim
-        q, kv, x, z = linear(a, self.in_proj.weight, self.in_proj.bias).split(self.splits, dim=-1)  # fp32
-        kv_dtype = state.k[self.producer].dtype
-        q = apply_rope(q.view(T, H, dq), cos, sin).to(kv_dtype)  # (T, H, dq)
+        i, H, dq, M = self.layer_idx, self.num_heads, self.head_dim, self.num_meta
+        proj = linear(a, self.in_proj.weight, self.in_proj.bias)  # (T, q | k v | x | z) fp32
+        _, _, x, z = proj.split(self.splits, dim=-1)
+        k_buf, v_buf = state.k[self.producer], state.v[self.producer]
+        q = torch.empty(T, H, dq, dtype=k_buf.dtype, device=a.device)
 
         # --- attention heads ---
         if self.is_producer:  # consumers of this layer reuse exactly this key set in this call (spec 6.3)
-            k, v = kv.split([Hk * dq, Hk * self.v_head_dim], dim=-1)
-            k = apply_rope(k.view(T, Hk, dq), cos, sin).transpose(0, 1).to(kv_dtype)  # (Hk, T, dq), post-RoPE (Q4)
-            v = v.view(T, Hk, self.v_head_dim).transpose(0, 1).to(kv_dtype)  # (Hk, T, dv)
-            hk, hv, hpos = state.history(i, start, self.window)
-            new_pos = torch.arange(start, start + T, device=a.device)
-            stash[i] = (torch.cat([hk, k], 1), torch.cat([hv, v], 1), torch.cat([hpos, new_pos]))
-            state.write_kv(i, start, k, v)
+            history = state.history_range(i, start)  # (meta rows, first recent position, history rows)
+            S = history[2] + T
+            keys = torch.empty(k_buf.shape[0], S, dq, dtype=k_buf.dtype, device=a.device)
+            values = torch.empty(v_buf.shape[0], S, self.v_head_dim, dtype=v_buf.dtype, device=a.device)
+            ring = state.window[i]  # the buffer's ring (the window, or shorter for a short context)
+            kernels.rope_prefill(proj, cos, sin, q, keys, values, k_buf, v_buf, history, M, ring)
+            stash[i] = (keys, values, _positions(stash, history[0], history[1], start + T, a.device))
+            new = slice(history[2], S)  # post-RoPE keys are what the buffer keeps (Q4)
+            kernels.store_kv(keys[:, new], values[:, new], k_buf, v_buf, start, M, ring, valid)
+        else:
+            kernels.rope_prefill(proj, cos, sin, q)
         keys, values, k_pos = stash[self.producer]
-        q_pos = torch.arange(start, start + T, device=a.device)
-        attn = kernels.attention_prefill(q, keys, values, q_pos, k_pos, self.window, self.num_meta)
+        q_pos = _positions(stash, 0, start, start + T, a.device)
+        attn = kernels.attention_prefill(q, keys, values, q_pos, k_pos, self.window, M)
 
         # --- SSM heads ---
         u = kernels.causal_conv1d(x, self.conv_weight, self.conv1d.bias, state.conv[i], valid)  # (T, I)
@@ -125,7 +133,7 @@ class HybridMixer(nn.Module):
         norm1, norm2 = self.pre_avg_layernorm1, self.pre_avg_layernorm2
         mixed = torch.empty(T, y.shape[1], dtype=self.out_proj.weight.dtype, device=y.device)  # out_proj's operand
         kernels.rms_norm_average(attn.reshape(T, -1), y, norm1.weight, norm2.weight, norm1.eps, out=mixed)
-        return linear(mixed, self.out_proj.weight, self.out_proj.bias)
+        return linear(mixed, self.out_proj.weight, self.out_proj.bias, residual=h)
 
     def decode_attention(self, proj, state: DecodeState, indices: dict, cos, sin) -> torch.Tensor:
         """Decode, the attention heads for one token from its in_proj output proj (fp32, q | k v | x | z).
@@ -164,13 +172,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (T, D), ideally already in the weights' dtype (the operand of both products)."""
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """x: (T, D), ideally already in the weights' dtype (the operand of both products); returns h + the MLP's
+        output, the residual added by the down projection."""
         dtype = self.down_proj.weight.dtype
         if self.is_gated:  # SwiGLU, written in the down projection's operand dtype
             act = kernels.swiglu(linear(x, self.gate_proj.weight), linear(x, self.up_proj.weight), dtype)
-            return linear(act, self.down_proj.weight)
-        return linear(F.relu(linear(x, self.up_proj.weight)).square(), self.down_proj.weight)  # relu2
+        else:
+            act = F.relu(linear(x, self.up_proj.weight)).square()  # relu2
+        return linear(act, self.down_proj.weight, residual=h)
 
 
 class MoE(nn.Module):
@@ -180,8 +190,8 @@ class MoE(nn.Module):
         super().__init__()
         self.experts = nn.ModuleList([MLP(c)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.experts[0](x)
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.experts[0](x, h)
 
 
 class HymbaLayer(nn.Module):
@@ -195,8 +205,8 @@ class HymbaLayer(nn.Module):
     def forward(self, h, state, start, stash, cos, sin, valid=None) -> torch.Tensor:
         """Prefill: h (T, D) -> (T, D)."""
         dtype = self.mamba.in_proj.weight.dtype  # the norms write the products' operands directly
-        h = h + self.mamba(self.input_layernorm(h, dtype), state, start, stash, cos, sin, valid)
-        return h + self.moe(self.pre_moe_layernorm(h, dtype))
+        h = self.mamba(self.input_layernorm(h, dtype), h, state, start, stash, cos, sin, valid)
+        return self.moe(self.pre_moe_layernorm(h, dtype), h)
 
     def decode(self, h: torch.Tensor, state: DecodeState, indices: dict, cos, sin, side_stream=None) -> None:
         """Decode: h (D,) fp32, updated in place. Each norm runs inside the matrix-vector product after it and
@@ -285,19 +295,15 @@ class HymbaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def prefill_padded(self, ids: torch.Tensor, valid: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        """A request's prompt in one chunk padded to a fixed length, for engine/graph.py to capture once per length:
-        ids (T,) int64 of which the first `valid` (a 0-d int64 device tensor, 1 <= valid <= T) are the prompt.
-        The state must be fresh from reset(); returns the (V,) fp32 logits of the last prompt token. Device work
-        only; the caller sets state.num_tokens to num_meta + valid afterwards.
+        """One chunk of a request's prompt padded to a fixed length, at positions from state.num_tokens, for
+        engine/graph.py to capture once per (start, length): ids (T,) int64 of which the first `valid` (a 0-d int64
+        device tensor, 1 <= valid <= T) are the prompt's. Returns the (V,) fp32 logits of the last real row. Device
+        work only; the caller advances state.num_tokens by valid afterwards.
 
-        Why padding is exact here: the padding rows come after every prompt row, so causal attention hides them
-        from it; they leave the conv and SSM states alone (`valid` is read by those kernels); and with T no longer
-        than any sliding window, their keys land in ring slots past the prompt's, which decode overwrites before
-        it reads them (decode sees only slots below its position)."""
-        start, T = state.num_tokens, ids.numel()
-        assert start == state.num_meta, "prefill_padded starts a request, right after reset()"
-        assert all(w is None or T <= w for w in state.window.values()), "padding must fit every sliding window"
-        h = self._layers(self._embed(ids), state, start, valid)
+        Why padding is exact: the caller pads only a prompt's last chunk, and its padding rows come after every real
+        row, so causal attention hides them from the real ones; they leave the conv and SSM states alone and no KV
+        buffer slot is written from them (`valid` is read by those kernels on the device)."""
+        h = self._layers(self._embed(ids), state, state.num_tokens, valid)
         return self._logits(h.index_select(0, (valid - 1).view(1)))[0]
 
     @torch.no_grad()
@@ -342,7 +348,7 @@ class HymbaForCausalLM(nn.Module):
         if start + T > state.max_positions:
             raise ValueError(f"position {start + T - 1} is past the context limit ({state.max_positions} positions)")
         cos, sin = self.cos[start : start + T], self.sin[start : start + T]
-        stash: dict = {}  # producer layer -> (keys, values, key positions) of this prefill call
+        stash: dict = {}  # producer layer -> (keys, values, key positions) of this prefill call; position tensors
         for layer in self.model.layers:
             h = layer(h, state, start, stash, cos, sin, valid)
         return h

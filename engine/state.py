@@ -106,37 +106,12 @@ class DecodeState:
             indices[i] = shared[window, capacity]
         return indices
 
-    def write_kv(self, layer_idx: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store K/V of positions start .. start+T-1.  k: (Hk, T, dq), v: (Hk, T, dv)."""
-        T = k.shape[1]
-        window = self.window[layer_idx]
-        if window is not None and T > window:  # older ones would be overwritten within this same write
-            keep = T - window
-            # meta positions are never overwritten, so keep them even if they fall before the last `window`
-            meta_end = min(max(self.num_meta - start, 0), T)
-            idx = torch.cat([torch.arange(meta_end), torch.arange(max(keep, meta_end), T)]).to(k.device)
-            k, v = k[:, idx], v[:, idx]
-            positions = start + idx
-        else:
-            positions = torch.arange(start, start + T, device=k.device)
-        slots = self.slots(layer_idx, positions)
-        self.k[layer_idx].index_copy_(1, slots, k)
-        self.v[layer_idx].index_copy_(1, slots, v)
-
-    def history(self, layer_idx: int, start: int, window: int | None):
-        """K/V of the positions before `start` that a prefill query at `start` may see, in position order:
-        every position for a global layer; the meta tokens plus the last `window` positions for an SWA layer.
-
-        returns k: (Hk, S, dq), v: (Hk, S, dv), positions: (S,) int64
-        """
-        device = self.k[layer_idx].device
-        M = self.num_meta
-        if window is None:
-            positions = torch.arange(start, device=device)
-        else:
-            meta = torch.arange(min(start, M), device=device)
-            lo = max(M, start - window)
-            recent = torch.arange(lo, max(lo, start), device=device)
-            positions = torch.cat([meta, recent])
-        slots = self.slots(layer_idx, positions)
-        return self.k[layer_idx][:, slots], self.v[layer_idx][:, slots], positions
+    def history_range(self, layer_idx: int, start: int) -> tuple[int, int, int]:
+        """The positions before `start` that a prefill chunk starting there may see, in position order, as
+        (m, lo, count): positions [0, m) and [lo, start), count = m + start - lo. That is the meta tokens, then the
+        last `window` positions for a sliding layer or every later position for a global one. kernels/prefill_kv.py
+        gathers these keys from the buffer (slots(): they are all still there) and writes the chunk's own after."""
+        M, window = self.num_meta, self.window[layer_idx]
+        m = min(start, M)
+        lo = start if start <= M else (M if window is None else max(M, start - window))
+        return m, lo, m + start - lo

@@ -12,6 +12,7 @@ from torch import Tensor
 from kernels import attention as _attention
 from kernels import causal_conv1d as _conv
 from kernels import gemv as _gemv
+from kernels import prefill_kv as _prefill_kv
 from kernels import rms_norm as _norm
 from kernels import rope as _rope
 from kernels import selective_scan as _scan
@@ -121,6 +122,23 @@ def rope_decode(
     return _rope.rope_decode_ref(qkv, pos, cos, sin, q_out, k_buf, v_buf, slot)
 
 
+def rope_prefill(
+    proj: Tensor, cos: Tensor, sin: Tensor, q_out: Tensor, keys: Tensor | None = None, values: Tensor | None = None,
+    k_buf: Tensor | None = None, v_buf: Tensor | None = None, history: tuple[int, int, int] = (0, 0, 0),
+    num_meta: int = 0, window: int | None = None,
+) -> Tensor:  # fmt: skip
+    fn = _prefill_kv.rope_prefill if _on_triton(proj) else _prefill_kv.rope_prefill_ref
+    return fn(proj, cos, sin, q_out, keys, values, k_buf, v_buf, history, num_meta, window)
+
+
+def store_kv(
+    keys: Tensor, values: Tensor, k_buf: Tensor, v_buf: Tensor, start: int, num_meta: int, window: int | None,
+    valid: Tensor | None = None,
+) -> None:  # fmt: skip
+    fn = _prefill_kv.store_kv if _on_triton(keys) else _prefill_kv.store_kv_ref
+    fn(keys, values, k_buf, v_buf, start, num_meta, window, valid)
+
+
 def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, residual: Tensor | None = None,
          out: Tensor | None = None) -> Tensor:  # fmt: skip
     if _on_triton(x):
@@ -161,8 +179,10 @@ __all__ = [
     "rms_norm",
     "rms_norm_average",
     "rope_decode",
+    "rope_prefill",
     "selective_scan",
     "ssm_update",
+    "store_kv",
     "swiglu",
     "use_triton",
 ]

@@ -17,12 +17,10 @@ from kernels._triton import tl, triton
 
 LOG2_E = 1.4426950408889634
 
-# prefill: a program owns BLOCK_M queries of one head and walks only the key tiles its mask can reach
-# (64, 128, 4 warps): fastest of 8 shapes on the H100 for the 1.5B heads (dq 64, dv 128), global and sliding
-PREFILL_BLOCK_M = 64
-PREFILL_BLOCK_N = 128
-PREFILL_NUM_WARPS = 4
-PREFILL_NUM_STAGES = 2
+# prefill: a program owns BLOCK_M queries of one head and walks only the key tiles its mask can reach.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, num_stages of the masked tiles' loop): the fastest of the shapes measured
+# on the H100 for the 1.5B's heads (dq 64, dv 128), sliding and global alike (tools/time_attention.py)
+PREFILL_CONFIG = (64, 64, 4, 3, 2)
 # decode: the key axis is cut into splits of DECODE_SPLIT keys; a program owns one KV head's query group and one
 # split. The number of splits depends on the buffer's capacity only, so a CUDA graph can capture the launch.
 DECODE_SPLIT = 256
@@ -33,18 +31,20 @@ _MAX_SCORE_ELEMENTS = 1 << 25
 
 
 @triton.jit
-def _count_below(pos_ptr, n, x, SEARCH_BLOCK: tl.constexpr):
-    """How many of the ascending pos[0:n] are < x, in two vector loads (needs n <= SEARCH_BLOCK**2)."""
+def _count_below_each(pos_ptr, n, x, SEARCH_BLOCK: tl.constexpr):
+    """For each threshold of the vector x, how many of the ascending pos[0:n] are < it: two gathers for all of them
+    together (needs n <= SEARCH_BLOCK**2)."""
     offs = tl.arange(0, SEARCH_BLOCK)
     stride = tl.cdiv(n, SEARCH_BLOCK)
     sample = offs * stride
-    num_coarse = tl.sum((tl.load(pos_ptr + sample, mask=sample < n, other=x) < x).to(tl.int32))
+    coarse = tl.load(pos_ptr + sample, mask=sample < n, other=0)
+    num_coarse = tl.sum(((coarse[None, :] < x[:, None]) & (sample < n)[None, :]).to(tl.int32), axis=1)
     # pos[(c-1)*stride] < x <= pos[c*stride] (or c*stride >= n): the answer is in ((c-1)*stride, c*stride]
     first = (num_coarse - 1) * stride + 1
-    fine = first + offs
-    in_gap = (num_coarse > 0) & (fine < tl.minimum(num_coarse * stride, n))
-    num_fine = tl.sum((tl.load(pos_ptr + fine, mask=in_gap, other=x) < x).to(tl.int32))
-    return tl.where(num_coarse > 0, first + num_fine, 0)
+    fine = first[:, None] + offs[None, :]
+    in_gap = (num_coarse > 0)[:, None] & (fine < tl.minimum(num_coarse * stride, n)[:, None])
+    below = in_gap & (tl.load(pos_ptr + fine, mask=in_gap, other=0) < x[:, None])
+    return tl.where(num_coarse > 0, first + tl.sum(below.to(tl.int32), axis=1), 0)
 
 
 @triton.jit
@@ -86,15 +86,62 @@ def _attend_tile(
 
 
 @triton.jit
+def _attend_prefill_tile(
+    acc, m_i, l_i, q, q_pos, q_first, start_n, end_n, k_ptr, v_ptr, k_pos_ptr, stride_k_s, stride_v_s, scale_log2,
+    num_meta,
+    MASKED: tl.constexpr, IS_SLIDING: tl.constexpr, DQ: tl.constexpr, DV: tl.constexpr, BLOCK_DQ: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax step over the key tile [start_n, start_n + BLOCK_N), m in log2 units. MASKED: the tile is
+    clipped at end_n and the spec 7.1 mask applies (q_pos: the rows' positions; q_first: the oldest non-meta position
+    in each row's window; int32); otherwise the caller has shown every key of the tile visible to every query row, so
+    neither is computed."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_dq = tl.arange(0, BLOCK_DQ)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_ptrs = k_ptr + offs_n[:, None] * stride_k_s + offs_dq[None, :]
+    v_ptrs = v_ptr + offs_n[:, None] * stride_v_s + offs_dv[None, :]
+    if MASKED:
+        in_range = offs_n < end_n
+        k = tl.load(k_ptrs, mask=in_range[:, None] & (offs_dq < DQ)[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=in_range[:, None] & (offs_dv < DV)[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs, mask=(offs_dq < DQ)[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=(offs_dv < DV)[None, :], other=0.0)
+    scores = tl.dot(q, tl.trans(k), input_precision="ieee") if IEEE else tl.dot(q, tl.trans(k))  # unscaled
+    if MASKED:
+        # int32 positions: the mask's integer work is what a masked tile costs more; a key past end_n gets a
+        # position no query reaches
+        k_pos = tl.load(k_pos_ptr + offs_n, mask=in_range, other=2**31 - 1).to(tl.int32)
+        visible = k_pos[None, :] <= q_pos[:, None]  # (BLOCK_M, BLOCK_N)
+        if IS_SLIDING:  # spec 7.1: meta tokens always, else at most `window` back
+            visible &= (k_pos < num_meta)[None, :] | (k_pos[None, :] >= q_first[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1) * scale_log2)  # the scale is positive: it commutes with max
+    # masked: a row with nothing visible yet stays at zero weight
+    m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new) if MASKED else m_new
+    p = tl.exp2(scores * scale_log2 - m_new_safe[:, None])  # one FMA per score
+    alpha = tl.exp2(m_i - m_new_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attention_prefill_kernel(
     q_ptr, k_ptr, v_ptr, q_pos_ptr, k_pos_ptr, out_ptr,  # pointers
     T, S, num_meta, window, scale_log2,  # sizes and mask parameters
     stride_q_t, stride_q_h, stride_k_h, stride_k_s, stride_v_h, stride_v_s, stride_out_t, stride_out_h,  # strides
     GROUP: tl.constexpr, IS_SLIDING: tl.constexpr, DQ: tl.constexpr, DV: tl.constexpr,  # meta
     BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SEARCH_BLOCK: tl.constexpr, IEEE: tl.constexpr,
+    MASKED_STAGES: tl.constexpr, SEARCH_BLOCK: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    i_m, i_h = tl.program_id(0), tl.program_id(1)
+    # heads vary fastest and the last query blocks (the most keys under a causal mask) are launched first
+    i_h = tl.program_id(0)
+    i_m = tl.num_programs(1) - 1 - tl.program_id(1)
     k_ptr += (i_h // GROUP) * stride_k_h  # GQA: query head h reads KV head h // GROUP
     v_ptr += (i_h // GROUP) * stride_v_h
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -107,28 +154,61 @@ def _attention_prefill_kernel(
     q_pos_max = tl.max(tl.where(mask_m, q_pos, 0))
     q_pos_min = tl.min(tl.where(mask_m, q_pos, q_pos_max))
 
-    # Keys are ascending by position, so the visible ones lie in [0, meta_end) + [lo, hi): tiles outside are skipped,
-    # which makes a sliding-window layer O(T * (window + meta)) rather than O(T * S).
-    hi = _count_below(k_pos_ptr, S, q_pos_max + 1, SEARCH_BLOCK)
+    # Keys are ascending by position, so one search per bound turns the block's mask into index ranges:
+    #   [0, meta_end) the meta tokens, [lo, hi) the window (for a global layer, lo = meta_end = 0): tiles outside
+    #   are skipped, which makes a sliding-window layer O(T * (window + meta)) rather than O(T * S);
+    #   keys < full_hi are at or before every query of the block; keys >= full_lo are in every query's window.
+    which = tl.arange(0, 8)
+    bounds = tl.where(which == 0, q_pos_max + 1, q_pos_min + 1)
     if IS_SLIDING:
-        lo = _count_below(k_pos_ptr, S, q_pos_min - window, SEARCH_BLOCK)
-        meta_end = tl.minimum(_count_below(k_pos_ptr, S, num_meta, SEARCH_BLOCK), lo)
+        bounds = tl.where(which == 2, q_pos_min - window, bounds)
+        bounds = tl.where(which == 3, q_pos_max - window, bounds)
+        bounds = tl.where(which == 4, num_meta, bounds)
+    counts = _count_below_each(k_pos_ptr, S, bounds, SEARCH_BLOCK)
+    hi = tl.sum(tl.where(which == 0, counts, 0))
+    full_hi = tl.sum(tl.where(which == 1, counts, 0))
+    if IS_SLIDING:
+        lo = tl.sum(tl.where(which == 2, counts, 0))
+        full_lo = tl.sum(tl.where(which == 3, counts, 0))
+        num_meta_keys = tl.sum(tl.where(which == 4, counts, 0))
+        merged = full_lo <= num_meta_keys  # every query's window reaches back to the meta tokens: one causal range
+        lo = tl.where(merged, 0, lo)
+        full_lo = tl.where(merged, 0, full_lo)
+        meta_end = tl.minimum(num_meta_keys, lo)
+        meta_full = meta_end // BLOCK_N * BLOCK_N  # meta_end <= lo <= full_hi: all seen by every row
     else:
         lo = 0
+        full_lo = 0
         meta_end = 0
+        meta_full = 0
+    # The window's tiles are laid from lo; the ones inside [full_lo, full_hi) are whole: [first, last)
+    first = tl.minimum(lo + tl.cdiv(full_lo - lo, BLOCK_N) * BLOCK_N, hi)
+    last = tl.maximum(first, lo + (full_hi - lo) // BLOCK_N * BLOCK_N)
+    q_pos_32 = q_pos.to(tl.int32)  # positions < 2**31
+    q_first = q_pos_32 - window  # each row's oldest non-meta key in its window
 
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start_n in range(0, meta_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, start_n, meta_end, k_ptr, v_ptr, stride_k_s, stride_v_s, scale_log2,
-            q_pos, k_pos_ptr, num_meta, window, True, IS_SLIDING, DQ, DV, BLOCK_DQ, BLOCK_DV, BLOCK_N, IEEE,
+    # The whole tiles that every row sees, [0, meta_full) then [first, last): no mask computed
+    num_meta_tiles = meta_full // BLOCK_N
+    for i in range(0, num_meta_tiles + (last - first) // BLOCK_N):
+        start_n = tl.where(i < num_meta_tiles, i * BLOCK_N, first + (i - num_meta_tiles) * BLOCK_N)
+        acc, m_i, l_i = _attend_prefill_tile(
+            acc, m_i, l_i, q, q_pos_32, q_first, start_n, S, k_ptr, v_ptr, k_pos_ptr, stride_k_s, stride_v_s,
+            scale_log2, num_meta, False, IS_SLIDING, DQ, DV, BLOCK_DQ, BLOCK_DV, BLOCK_N, IEEE,
         )  # fmt: skip
-    for start_n in range(lo, hi, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, start_n, hi, k_ptr, v_ptr, stride_k_s, stride_v_s, scale_log2,
-            q_pos, k_pos_ptr, num_meta, window, True, IS_SLIDING, DQ, DV, BLOCK_DQ, BLOCK_DV, BLOCK_N, IEEE,
+    # The tiles that straddle a bound, masked: the meta tokens' last [meta_full, meta_end), the window's [lo, first)
+    # and [last, hi)
+    n_meta = tl.cdiv(meta_end - meta_full, BLOCK_N)
+    n_lower = n_meta + tl.cdiv(first - lo, BLOCK_N)
+    for i in tl.range(0, n_lower + tl.cdiv(hi - last, BLOCK_N), num_stages=MASKED_STAGES):
+        start_n = tl.where(i < n_meta, meta_full, tl.where(i < n_lower, lo + (i - n_meta) * BLOCK_N,
+                                                            last + (i - n_lower) * BLOCK_N))  # fmt: skip
+        acc, m_i, l_i = _attend_prefill_tile(
+            acc, m_i, l_i, q, q_pos_32, q_first, start_n, tl.where(i < n_meta, meta_end, hi), k_ptr, v_ptr,
+            k_pos_ptr, stride_k_s, stride_v_s, scale_log2, num_meta, True, IS_SLIDING, DQ, DV, BLOCK_DQ, BLOCK_DV,
+            BLOCK_N, IEEE,
         )  # fmt: skip
     out = acc / l_i[:, None]
     tl.store(out_ptr + offs_m[:, None] * stride_out_t + i_h * stride_out_h + offs_dv[None, :],
@@ -221,14 +301,15 @@ def attention_prefill(
     assert q_pos.dtype == k_pos.dtype == torch.int64 and q_pos.is_contiguous() and k_pos.is_contiguous()
     out = torch.empty(T, H, dv, dtype=q.dtype, device=q.device) if out is None else out
     assert out.shape == (T, H, dv) and out.stride(2) == 1
-    grid = (triton.cdiv(T, PREFILL_BLOCK_M), H)
-    _attention_prefill_kernel[grid](
+    block_m, block_n, num_warps, num_stages, masked_stages = PREFILL_CONFIG
+    _attention_prefill_kernel[(H, triton.cdiv(T, block_m))](
         q, k, v, q_pos, k_pos, out,
         T, S, num_meta, 0 if window is None else window, LOG2_E / math.sqrt(dq),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         GROUP=H // Hk, IS_SLIDING=window is not None, DQ=dq, DV=dv, BLOCK_DQ=_dot_width(dq), BLOCK_DV=_dot_width(dv),
-        BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, SEARCH_BLOCK=_dot_width(math.isqrt(max(S - 1, 1)) + 1),
-        IEEE=q.dtype == torch.float32, num_warps=PREFILL_NUM_WARPS, num_stages=PREFILL_NUM_STAGES,
+        BLOCK_M=block_m, BLOCK_N=block_n, MASKED_STAGES=masked_stages,
+        SEARCH_BLOCK=_dot_width(math.isqrt(max(S - 1, 1)) + 1), IEEE=q.dtype == torch.float32, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     return out
 

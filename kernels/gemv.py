@@ -191,15 +191,24 @@ def mlp_gemv(x, norm_weight, eps, gate_weight, up_weight, *, out=None, config=No
     return _launch(x, gate_weight, nw=norm_weight, eps=eps, w2=up_weight, act=1, out=out, config=config)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias): operands in the weight's dtype, fp32 accumulation, fp32 result. The matrix product of
-    engine/model.py's prefill and of the twins below. x: (..., K)   weight: (N, K)   returns (..., N) fp32"""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ weight.T (+ bias) (+ residual): operands in the weight's dtype, fp32 accumulation, fp32 result. The matrix
+    product of engine/model.py's prefill and of the twins below.
+    x: (..., K)   weight: (N, K)   residual: (..., N) fp32   returns (..., N) fp32"""
     x = x.to(weight.dtype)
+    rows = x.reshape(-1, x.shape[-1])
     if x.is_cuda and weight.dtype != torch.float32:  # cuBLAS writes the fp32 accumulator without rounding
-        y = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
+        if residual is not None and bias is None:  # the add in the product's epilogue: one pass over the rows less
+            return torch.addmm(residual.view(rows.shape[0], -1), rows, weight.t(), out_dtype=torch.float32).view(
+                *x.shape[:-1], -1
+            )
+        y = torch.mm(rows, weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
     else:
         y = F.linear(x, weight).float()  # CPU torch has no bf16-in / fp32-out product: the output is rounded
-    return y if bias is None else y + bias.float()
+    y = y if bias is None else y + bias.float()
+    return y if residual is None else y + residual
 
 
 # --- twins: the same contracts, composed from the ops engine/model.py's prefill uses ---

@@ -3,8 +3,9 @@
 engine/model.py serves one request at a time over a DecodeState, and on CUDA its modules call forward-only Triton
 kernels (RMSNorm included). Training needs whole sequences in batches and gradients, so forward() runs the parameters
 of the same HymbaForCausalLM (names as in the checkpoint) through plain tensor ops: the engine's rope_tables and
-apply_rope, one attention call per layer with the prefill masks of spec 7.1, and a chunked selective scan
-(sequential inside a chunk, every chunk at once, then a short pass that carries the state from chunk to chunk).
+kernels.prefill_kv.apply_rope, one attention call per layer with the prefill masks of spec 7.1, and a chunked
+selective scan (sequential inside a chunk, every chunk at once, then a short pass that carries the state from chunk
+to chunk).
 max_logit_gap() checks the result against the engine's own prefill.
 """
 
@@ -19,7 +20,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from engine.config import HymbaConfig
-from engine.model import HybridMixer, HymbaForCausalLM, HymbaLayer, RMSNorm, apply_rope, rope_tables
+from engine.model import HybridMixer, HymbaForCausalLM, HymbaLayer, RMSNorm, rope_tables
+from kernels.prefill_kv import apply_rope
 
 SCAN_CHUNK = 16  # tokens scanned one by one inside a chunk; about sqrt(2/3 * sequence length) balances both passes
 

@@ -120,29 +120,35 @@ def test_context_limit_is_enforced(loaded):
         model.prefill(random_prompt(config, 97, seed=4), state)
 
 
-@pytest.mark.parametrize("n", [1, 6, 16])
-def test_a_padded_prompt_gives_the_unpadded_logits_and_state(loaded, n):
-    """prefill_padded (what engine/graph.py captures) on n prompt tokens padded to T (16, or the sliding window):
-    the last prompt token's logits, the conv and SSM states, the prompt's keys and values, and the decode step
-    after it are those of prefill."""
+# (tokens before the chunk, real tokens in it, padded rows T): a first chunk shorter than every window, one longer
+# than the windows (8 and 16) with padding past them, a later chunk after a full one, all of it padding but one row
+@pytest.mark.parametrize("first, n, T", [(0, 1, 16), (0, 6, 16), (0, 16, 16), (0, 5, 24), (0, 23, 40), (24, 3, 24),
+                                         (24, 20, 32), (40, 1, 40)])  # fmt: skip
+def test_a_padded_chunk_gives_the_unpadded_logits_and_state(loaded, first, n, T):
+    """prefill_padded (what engine/graph.py captures) on a prompt's last chunk, n tokens padded to T rows, after
+    `first` tokens: the last prompt token's logits, the conv and SSM states, every KV slot decode can read, and the
+    decode step after it are those of prefill."""
     config, model, state, _ = loaded
-    T = min(16, config.sliding_window or 16)
-    n = min(n, T)
-    ids = random_prompt(config, n, seed=n)
+    ids = random_prompt(config, first + n, seed=first + n)
     M = config.num_memory_tokens
     state.reset()
     want = model.prefill(ids, state)
     want_conv, want_ssm = state.conv.clone(), state.ssm.clone()
-    want_k = {i: k[:, : M + n].clone() for i, k in state.k.items()}
+    readable = {i: state.num_valid(i, M + first + n) for i in state.k}  # filled slots (a ring's, once it wraps)
+    want_k = {i: k[:, : readable[i]].clone() for i, k in state.k.items()}
+    want_v = {i: v[:, : readable[i]].clone() for i, v in state.v.items()}
     want_decode = model.decode(torch.tensor(7), state)
 
     state.reset()
+    if first:
+        model.prefill(ids[:first], state)
     padding = torch.full((T - n,), config.vocab_size - 1)  # any ids: their rows must not reach the prompt's
-    got = model.prefill_padded(torch.cat([ids, padding]), torch.tensor(n), state)
-    state.set_num_tokens(M + n)
+    got = model.prefill_padded(torch.cat([ids[first:], padding]), torch.tensor(n), state)
+    state.set_num_tokens(M + first + n)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=0)  # fp32 summation-order noise (logit std ~2.5)
     torch.testing.assert_close(state.conv, want_conv, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(state.ssm, want_ssm, atol=1e-5, rtol=1e-4)
-    for i, k in want_k.items():
-        torch.testing.assert_close(state.k[i][:, : M + n], k, atol=1e-5, rtol=1e-4)
+    for i in state.k:
+        torch.testing.assert_close(state.k[i][:, : readable[i]], want_k[i], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(state.v[i][:, : readable[i]], want_v[i], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(model.decode(torch.tensor(7), state), want_decode, atol=2e-4, rtol=0)

@@ -47,24 +47,13 @@ def test_slots_keep_meta_fixed_and_ring_the_rest():
     assert state.slots(1, positions).tolist() == [0, 1, 2, 3, 4, 5, 6, 3, 4, 5, 6, 3]  # SWA: meta + ring of 4
 
 
-def test_write_keeps_only_the_last_window_of_a_long_chunk():
+def test_history_range_is_meta_then_the_window_or_everything():
     state = small_state(window=4, num_meta=3)
-    T = 10  # positions 0..9: meta 0..2 and 7 tokens, of which the ring can hold the last 4 (6..9)
-    k = torch.arange(T, dtype=torch.float32).view(1, T, 1).expand(1, T, state.k[1].shape[2]).contiguous()
-    v = torch.arange(T, dtype=torch.float32).view(1, T, 1).expand(1, T, state.v[1].shape[2]).contiguous()
-    state.write_kv(1, 0, k, v)
-    stored = state.k[1][0, :, 0].tolist()
-    assert stored[:3] == [0, 1, 2]  # meta slots
-    assert sorted(stored[3:]) == [6, 7, 8, 9]
-    hk, _, positions = state.history(1, T, window=4)  # a prefill query at position 10 sees meta + 6..9
-    assert positions.tolist() == [0, 1, 2, 6, 7, 8, 9]
-    assert hk[0, :, 0].tolist() == [0, 1, 2, 6, 7, 8, 9]
-
-
-def test_history_before_the_meta_tokens_end_is_only_meta():
-    state = small_state(window=4, num_meta=3)
-    assert state.history(1, 2, window=4)[2].tolist() == [0, 1]
-    assert state.history(0, 5, window=None)[2].tolist() == [0, 1, 2, 3, 4]
+    assert state.history_range(1, 10) == (3, 6, 7)  # a chunk at position 10 sees meta 0..2 and 6..9
+    assert state.history_range(1, 5) == (3, 3, 5)  # 3..4: fewer than a window so far
+    assert state.history_range(0, 10) == (3, 3, 10)  # global: every position
+    assert state.history_range(1, 2) == (2, 2, 2)  # inside the meta tokens' own prefill
+    assert state.history_range(0, 0) == (0, 0, 0)
 
 
 def test_num_valid_caps_at_capacity():

@@ -11,7 +11,9 @@ import torch
 
 from engine.config import HymbaConfig
 from engine.state import DecodeState
+from kernels import attention
 from kernels.attention import attention_decode, attention_decode_ref, attention_prefill, attention_prefill_ref
+from kernels.prefill_kv import store_kv_ref
 from tests.conftest import assert_close, nan_empty
 
 # the interpreter itself warns on loops with run-time bounds (numpy >= 1.25)
@@ -62,9 +64,34 @@ def test_attention_prefill_matches_ref(T, H, Hk, dq, dv, start, num_meta, window
     check_prefill(T, H, Hk, dq, dv, start, num_meta, window, dtype, device)
 
 
+# Small tiles, so that small sizes cross many: a block's key ranges (meta tokens; whole tiles every query sees; tiles
+# straddling the causal or the window bound) and where they meet. Global with history; a window that cuts the chunk
+# and history, the meta tokens apart; start 0 (queries at the meta positions); a window far from the meta tokens; a
+# window narrower than a query block; windows that reach the meta tokens for some queries of a block or for all; a
+# 5-head group
+TILED_CASES = [
+    (100, 2, 1, 16, 32, 40, 8, None),
+    (100, 2, 1, 16, 32, 60, 16, 24),
+    (70, 2, 2, 16, 32, 0, 12, 40),
+    (90, 3, 1, 16, 32, 200, 20, 50),
+    (45, 2, 1, 16, 16, 30, 5, 10),
+    (50, 2, 1, 16, 16, 40, 16, 40),
+    (50, 2, 1, 16, 16, 17, 16, 80),
+    (60, 5, 1, 16, 32, 30, 8, 20),
+]
+
+
+@pytest.mark.parametrize("T, H, Hk, dq, dv, start, num_meta, window", TILED_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("block_m, block_n", [(16, 16), (32, 16), (16, 32)], ids=str)
+def test_attention_prefill_tiles(T, H, Hk, dq, dv, start, num_meta, window, block_m, block_n, device, seed,
+                                 monkeypatch):  # fmt: skip
+    monkeypatch.setattr(attention, "PREFILL_CONFIG", (block_m, block_n, 4, 2, 2))
+    check_prefill(T, H, Hk, dq, dv, start, num_meta, window, torch.float32, device)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("window", [None, 1024], ids=["global", "sliding"])
-@pytest.mark.parametrize("T, start", [(2048, 128), (2048, 6272), (1000, 3000)], ids=str)
+@pytest.mark.parametrize("T, start", [(2048, 128), (2048, 6272), (1000, 3000), (1024, 128)], ids=str)
 def test_attention_prefill_matches_ref_at_real_size(T, start, window, device, seed):
     """1.5B: 25 query heads over 5 KV heads, dq 64, dv 128, 128 meta tokens, window 1024."""
     check_prefill(T, 25, 5, 64, 128, start, 128, window, torch.bfloat16, device)
@@ -104,9 +131,10 @@ def test_ring_buffer_decode_equals_attention_over_meta_and_window(layer_idx, dev
     state = DecodeState(config, max_model_len=num_positions - M, device=device, dtype=torch.float32)
     k_all = torch.randn(Hk, num_positions, config.head_dim, device=device)
     v_all = torch.randn(Hk, num_positions, config.v_head_dim, device=device)
-    state.write_kv(layer_idx, 0, k_all[:, :M], v_all[:, :M])  # the meta tokens, as their prefill leaves them
+    k_buf, v_buf, ring = state.k[layer_idx], state.v[layer_idx], state.window[layer_idx]
+    store_kv_ref(k_all[:, :M], v_all[:, :M], k_buf, v_buf, 0, M, ring)  # the meta tokens, as their prefill leaves them
     for p in range(M, num_positions):
-        state.write_kv(layer_idx, p, k_all[:, p : p + 1], v_all[:, p : p + 1])
+        store_kv_ref(k_all[:, p : p + 1], v_all[:, p : p + 1], k_buf, v_buf, p, M, ring)
         num_valid = state.num_valid(layer_idx, p + 1)
         q = torch.randn(config.num_attention_heads, config.head_dim, device=device)
         as_tensor = p % 2 == 0  # both forms of num_valid
