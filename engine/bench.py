@@ -157,7 +157,7 @@ def time_decode(model: HymbaForCausalLM, state: DecodeState, context: int, runs:
 
 
 # kernel name -> part of a decode step (the rest: embedding, index arithmetic, argmax)
-_DECODE_PARTS = {"_gemv_kernel": "gemv", "_attention_decode": "attention", "_rope_decode": "attention",
+_DECODE_PARTS = {"_gemv_kernel": "gemv", "_attention_decode": "attention",
                  "_ssm_update": "ssm", "_causal_conv1d_update": "ssm"}  # fmt: skip
 
 
@@ -230,9 +230,9 @@ def kernel_rows(device: torch.device, dtype: torch.dtype, bandwidth: float, matm
     """Each kernel at the real size of one 2048-token prefill chunk or one decode step, in the model's dtypes
     (fp32 activations, bf16 q/k/v and B/C), Triton against its twin, with its floor: bytes / copy bandwidth or
     matmul FLOPs / matmul rate, whichever is larger."""
-    attention, causal_conv1d, gemv, rms_norm, rope, selective_scan, ssm_update = (
+    attention, causal_conv1d, gemv, rms_norm, selective_scan, ssm_update = (
         importlib.import_module(f"kernels.{name}")  # the modules: kernels.<name> itself is the dispatching op
-        for name in ("attention", "causal_conv1d", "gemv", "rms_norm", "rope", "selective_scan", "ssm_update")
+        for name in ("attention", "causal_conv1d", "gemv", "rms_norm", "selective_scan", "ssm_update")
     )
 
     T, d, N, K, H, Hk, dq, dv, M, W = 2048, 3200, 16, 4, 25, 5, 64, 128, 128, 1024
@@ -270,8 +270,8 @@ def kernel_rows(device: torch.device, dtype: torch.dtype, bandwidth: float, matm
 
     global_calls, global_flops = attention_8k(None)
     swa_calls, swa_flops = attention_8k(W)
-    kv = {cap: (torch.randn(H, dq, **act), torch.randn(Hk, cap, dq, **act), torch.randn(Hk, cap, dv, **act),
-                torch.tensor(cap, device=device)) for cap in (M + W, M + 8192)}  # fmt: skip
+    kv = {cap: (torch.randn(Hk, cap, dq, **act), torch.randn(Hk, cap, dv, **act), torch.tensor(cap, device=device))
+          for cap in (M + W, M + 8192)}  # fmt: skip
     scan_bytes = (4 * T * d + 2 * d * N) * 4 + 2 * T * N * size  # u, dt, z, out + state in/out, fp32; B, C
     # (name, triton call, twin call, floor bytes, floor matmul FLOPs)
     cases = [
@@ -296,19 +296,17 @@ def kernel_rows(device: torch.device, dtype: torch.dtype, bandwidth: float, matm
         ("causal_conv1d_update, one token", lambda: causal_conv1d.causal_conv1d_update(conv[0][0], *conv[1:]),
          lambda: causal_conv1d.causal_conv1d_update_ref(conv[0][0], *conv[1:]), (2 * (K - 1) + K) * d * 4, 0),
     ]  # fmt: skip
-    for cap, (q, k_buf, v_buf, n) in kv.items():
-        graphed.append((f"attention_decode {cap} slots", lambda a=(q, k_buf, v_buf, n): attention.attention_decode(*a),
-                        None, Hk * cap * (dq + dv) * size, 0))  # fmt: skip
     qkv, pos, slot = (
         torch.randn(D + Hk * (dq + dv), **f32),
         torch.tensor([M + 5], device=device),
         torch.tensor([7], device=device),
     )
     cos, sin = torch.randn(M + 8192, dq, **f32), torch.randn(M + 8192, dq, **f32)
-    q_out, (_, k_buf, v_buf, _) = torch.empty(H, dq, **act), kv[M + W]
-    graphed.append(("rope_decode + KV write", lambda: rope.rope_decode(qkv, pos, cos, sin, q_out, k_buf, v_buf, slot),
-                    lambda: rope.rope_decode_ref(qkv, pos, cos, sin, q_out, k_buf, v_buf, slot),
-                    qkv.numel() * 4 + (H + Hk) * dq * size + Hk * dv * size, 0))  # fmt: skip
+    # a KV-producing layer's whole attention chain, one launch (its twin reads num_valid on the host: not capturable)
+    for cap, (k_buf, v_buf, n) in kv.items():
+        args = (qkv, H, pos, cos, sin, k_buf, v_buf, n, slot)
+        graphed.append((f"rope_attention_decode {cap} slots", lambda a=args: attention.rope_attention_decode(*a),
+                        None, qkv.numel() * 4 + Hk * cap * (dq + dv) * size, 0))  # fmt: skip
     x_d, x_i, x_f, res = torch.randn(D, **f32), torch.randn(d, **f32), torch.randn(F, **f32), torch.randn(D, **f32)
     nw_d, nw_i = torch.ones(D, **act), torch.ones(d, **act)
 

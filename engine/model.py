@@ -136,18 +136,16 @@ class HybridMixer(nn.Module):
         return linear(mixed, self.out_proj.weight, self.out_proj.bias, residual=h)
 
     def decode_attention(self, proj, state: DecodeState, indices: dict, cos, sin) -> torch.Tensor:
-        """Decode, the attention heads for one token from its in_proj output proj (fp32, q | k v | x | z).
+        """Decode, the attention heads for one token from its in_proj output proj (fp32, q | k v | x | z): RoPE, a
+        producer's KV write and attention in one launch (kernels/attention.py rope_attention_decode).
 
         Device work only (no host values that change per token), so a CUDA graph can capture it, as for
         decode_ssm. Returns (H * dv,) in the KV dtype."""
         k_buf, v_buf = state.k[self.producer], state.v[self.producer]
-        q = torch.empty(self.num_heads, self.head_dim, dtype=k_buf.dtype, device=proj.device)
         slot, num_valid = indices[self.producer]
-        if self.is_producer:  # writes the position `window` back's slot: decode sees exactly W keys (7.2)
-            kernels.rope_decode(proj, state.pos, cos, sin, q, k_buf, v_buf, slot)
-        else:
-            kernels.rope_decode(proj, state.pos, cos, sin, q, None, None, None)
-        return kernels.attention_decode(q, k_buf, v_buf, num_valid).view(-1)
+        slot = slot if self.is_producer else None  # writes the position `window` back's slot: decode sees W keys (7.2)
+        out = kernels.rope_attention_decode(proj, self.num_heads, state.pos, cos, sin, k_buf, v_buf, num_valid, slot)
+        return out.view(-1)
 
     def decode_ssm(self, proj, state: DecodeState) -> torch.Tensor:
         """Decode, the SSM heads for one token from its in_proj output; returns the gated output (d_inner,) fp32."""
@@ -210,9 +208,11 @@ class HymbaLayer(nn.Module):
 
     def decode(self, h: torch.Tensor, state: DecodeState, indices: dict, cos, sin, side_stream=None) -> None:
         """Decode: h (D,) fp32, updated in place. Each norm runs inside the matrix-vector product after it and
-        each residual add inside the one before it (kernels/gemv.py): ten launches per layer. With a side stream
-        (CUDA) the SSM heads' three small kernels run beside the attention heads' three: at batch 1 each is a few
-        µs of mostly latency, and the two chains only meet at out_proj."""
+        each residual add inside the one before it (kernels/gemv.py): eight launches per layer, each with
+        programmatic dependent launch on CUDA (it launches while the kernel before it runs, then waits for it). With
+        a side stream (CUDA) the SSM heads' three small kernels run beside the attention heads' one: at batch 1 each
+        is a few µs of mostly latency, and the two chains only meet at out_proj (on one stream, even with PDL, the
+        step measured 12 % slower)."""
         mixer, mlp, eps = self.mamba, self.moe.experts[0], self.input_layernorm.eps
         proj = kernels.norm_gemv(h, self.input_layernorm.weight, eps, mixer.in_proj.weight, mixer.in_proj.bias)
         if side_stream is None:

@@ -14,7 +14,6 @@ from kernels import causal_conv1d as _conv
 from kernels import gemv as _gemv
 from kernels import prefill_kv as _prefill_kv
 from kernels import rms_norm as _norm
-from kernels import rope as _rope
 from kernels import selective_scan as _scan
 from kernels import ssm_update as _update
 from kernels import swiglu as _swiglu
@@ -87,6 +86,14 @@ def attention_decode(q: Tensor, k_buf: Tensor, v_buf: Tensor, num_valid: Tensor 
     return _attention.attention_decode_ref(q, k_buf, v_buf, num_valid)
 
 
+def rope_attention_decode(
+    qkv: Tensor, num_heads: int, pos: Tensor, cos: Tensor, sin: Tensor, k_buf: Tensor, v_buf: Tensor,
+    num_valid: Tensor | int, slot: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    fn = _attention.rope_attention_decode if _on_triton(qkv) else _attention.rope_attention_decode_ref
+    return fn(qkv, num_heads, pos, cos, sin, k_buf, v_buf, num_valid, slot)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float, *, out: Tensor | None = None) -> Tensor:
     if _on_triton(x):
         return _norm.rms_norm(x, weight, eps, out=out)
@@ -105,21 +112,6 @@ def swiglu(gate: Tensor, up: Tensor, out_dtype) -> Tensor:
     if _on_triton(gate):
         return _swiglu.swiglu(gate, up, out_dtype)
     return _swiglu.swiglu_ref(gate, up, out_dtype)
-
-
-def rope_decode(
-    qkv: Tensor,
-    pos: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    q_out: Tensor,
-    k_buf: Tensor | None,
-    v_buf: Tensor | None,
-    slot: Tensor | None,
-) -> Tensor:
-    if _on_triton(qkv):
-        return _rope.rope_decode(qkv, pos, cos, sin, q_out, k_buf, v_buf, slot)
-    return _rope.rope_decode_ref(qkv, pos, cos, sin, q_out, k_buf, v_buf, slot)
 
 
 def rope_prefill(
@@ -178,7 +170,7 @@ __all__ = [
     "norm_gemv",
     "rms_norm",
     "rms_norm_average",
-    "rope_decode",
+    "rope_attention_decode",
     "rope_prefill",
     "selective_scan",
     "ssm_update",

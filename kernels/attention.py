@@ -4,7 +4,8 @@ Masks follow spec section 7, with positions indexed in the meta-prefixed sequenc
 query i iff j <= i, and for sliding-window layers also (j < num_meta or i - j <= window). Decode: the caller's
 buffer holds exactly the visible keys (meta + rolling window, or a global layer's whole history), so the one query
 attends to every valid slot. GQA: query head h reads KV head h // (H / Hk). Scale 1/sqrt(q/k head dim) (Q11).
-Triton kernels + launchers attention_prefill / attention_decode for CUDA (and TRITON_INTERPRET=1), with _ref twins.
+Triton kernels + launchers attention_prefill / attention_decode for CUDA (and TRITON_INTERPRET=1), with _ref twins;
+rope_attention_decode is decode's whole attention chain in one launch (RoPE, the KV write, attention, the merge).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import torch
 
 from kernels._triton import tl, triton
+from kernels.gemv import launch_facts
 
 LOG2_E = 1.4426950408889634
 
@@ -22,9 +24,14 @@ LOG2_E = 1.4426950408889634
 # on the H100 for the 1.5B's heads (dq 64, dv 128), sliding and global alike (tools/time_attention.py)
 PREFILL_CONFIG = (64, 64, 4, 3, 2)
 # decode: the key axis is cut into splits of DECODE_SPLIT keys; a program owns one KV head's query group and one
-# split. The number of splits depends on the buffer's capacity only, so a CUDA graph can capture the launch.
-DECODE_SPLIT = 256
-DECODE_BLOCK_N = 64
+# split, and the last program of a KV head to finish merges its splits (DECODE_MERGE_BLOCK at a time). The number of
+# splits depends on the buffer's capacity only, so a CUDA graph can capture the launch. 128-key splits read as one
+# tile: in the 1.5B decode graph on the H100 (1k context) 604 tokens/s, against 589 for two 64-key tiles, 588 for
+# 64-key splits and 583 for 256-key splits of 64-key tiles.
+DECODE_SPLIT = 128
+DECODE_BLOCK_N = 128
+DECODE_MERGE_BLOCK = 8
+DECODE_USE_PDL = True  # with programmatic dependent launch where kernels/gemv.py launch_facts allows it
 
 # The prefill twin materialises (H, block, S) scores; this bounds their elements.
 _MAX_SCORE_ELEMENTS = 1 << 25
@@ -216,61 +223,116 @@ def _attention_prefill_kernel(
 
 
 @triton.jit
-def _attention_decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, num_valid_ptr, m_part_ptr, l_part_ptr, acc_part_ptr,  # pointers
+def _rope_rows(row_ptr, offs_d, mask, cos_ptr, sin_ptr, HALF: tl.constexpr):
+    """RoPE of head rows at row_ptr + offs_d (offs_d: the head dim, on the last axis) with the table rows cos_ptr and
+    sin_ptr, in fp32: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x[HALF:], x[:HALF]] (spec 5)."""
+    is_lo = offs_d < HALF
+    x = tl.load(row_ptr + offs_d, mask=mask, other=0.0).to(tl.float32)
+    partner = tl.load(row_ptr + tl.where(is_lo, offs_d + HALF, offs_d - HALF), mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + offs_d, mask=offs_d < 2 * HALF, other=0.0)
+    sin = tl.load(sin_ptr + offs_d, mask=offs_d < 2 * HALF, other=0.0)
+    return x * cos + tl.where(is_lo, -partner, partner) * sin
+
+
+@triton.jit
+def _merge_splits(m_part_ptr, l_part_ptr, acc_part_ptr, out_ptr, first_head, num_splits, num_used,
+                  GROUP: tl.constexpr, DV: tl.constexpr, BLOCK_GM: tl.constexpr, BLOCK_S: tl.constexpr,
+                  BLOCK_DV: tl.constexpr):  # fmt: skip
+    """out of the GROUP heads from first_head on, from the partial softmaxes of their first num_used splits (the later
+    ones hold no key), BLOCK_S splits at a time in split order. The partials come from other programs: loaded past
+    L1 (.cg)."""
+    offs_g = tl.arange(0, BLOCK_GM)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    heads = first_head + offs_g
+    mask_g = offs_g < GROUP
+    mask_dv = offs_dv < DV
+    m_run = tl.full((BLOCK_GM,), float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros((BLOCK_GM,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_GM, BLOCK_DV), dtype=tl.float32)
+    for s0 in range(0, num_used, BLOCK_S):
+        splits = s0 + offs_s
+        mask = mask_g[:, None] & (splits < num_used)[None, :]  # (BLOCK_GM, BLOCK_S)
+        part = heads[:, None] * num_splits + splits[None, :]
+        m = tl.load(m_part_ptr + part, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(l_part_ptr + part, mask=mask, other=0.0, cache_modifier=".cg")
+        part_acc = tl.load(acc_part_ptr + part[:, :, None] * DV + offs_dv[None, None, :],
+                           mask=mask[:, :, None] & mask_dv[None, None, :], other=0.0, cache_modifier=".cg")  # fmt: skip
+        m_new = tl.maximum(m_run, tl.max(m, axis=1))  # finite for real heads: every used split saw a key
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding heads
+        alpha = tl.exp2(m_run - m_safe)  # 0 on the first chunk
+        w = tl.where(mask, tl.exp2(m - m_safe[:, None]), 0.0)
+        l_run = l_run * alpha + tl.sum(w * l, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * part_acc, axis=1)
+        m_run = m_new
+    out = acc / l_run[:, None]
+    tl.store(out_ptr + heads[:, None] * DV + offs_dv[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=mask_g[:, None] & mask_dv[None, :])  # fmt: skip
+
+
+@triton.jit
+def _attention_decode_kernel(
+    q_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, k_ptr, v_ptr, num_valid_ptr,  # inputs (q_ptr: q, or the qkv row)
+    m_part_ptr, l_part_ptr, acc_part_ptr, count_ptr, out_ptr,  # the splits' partials, arrivals per KV head, output
     num_valid, num_splits, scale_log2,  # sizes
-    stride_k_h, stride_k_s, stride_v_h, stride_v_s,  # strides, in elements (q and the partials are contiguous)
-    GROUP: tl.constexpr, DQ: tl.constexpr, DV: tl.constexpr, NUM_VALID_IN_MEMORY: tl.constexpr,  # meta
-    BLOCK_G: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    stride_table, stride_k_h, stride_k_s, stride_v_h, stride_v_s,  # strides, in elements (q and out: contiguous)
+    H: tl.constexpr, HK: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, DV: tl.constexpr,  # meta
+    ROPE: tl.constexpr, WRITE_KV: tl.constexpr, NUM_VALID_IN_MEMORY: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_GM: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    """Partial softmax of KV head i_kv's query group over keys [i_s*SPLIT, (i_s+1)*SPLIT) of the valid ones."""
+    """Program (i_kv, i_s): KV head i_kv's query group over keys [i_s*SPLIT, (i_s+1)*SPLIT) of the valid ones; the
+    last of the head's programs to finish merges their partial softmaxes. ROPE: the queries come unrotated in the
+    in_proj row (q | k | v) and are rotated here; WRITE_KV: the program whose split holds `slot` first stores the
+    token's rotated key and value there (no other program reads that slot)."""
     i_kv, i_s = tl.program_id(0), tl.program_id(1)
-    if NUM_VALID_IN_MEMORY:
-        num_valid = tl.load(num_valid_ptr).to(tl.int32)
     offs_g = tl.arange(0, BLOCK_G)
     offs_dq = tl.arange(0, BLOCK_DQ)
     offs_dv = tl.arange(0, BLOCK_DV)
     heads = i_kv * GROUP + offs_g  # the query heads of this KV head
     mask_g = offs_g < GROUP
-    q = tl.load(q_ptr + heads[:, None] * DQ + offs_dq[None, :], mask=mask_g[:, None] & (offs_dq < DQ)[None, :],
-                other=0.0)  # fmt: skip
+    mask_q = mask_g[:, None] & (offs_dq < DQ)[None, :]
+    k_head = k_ptr + i_kv * stride_k_h
+    v_head = v_ptr + i_kv * stride_v_h
+    if USE_PDL:  # nothing before this reads or writes memory
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    if NUM_VALID_IN_MEMORY:
+        num_valid = tl.load(num_valid_ptr).to(tl.int32)
+    if ROPE:
+        pos = tl.load(pos_ptr)
+        cos_row, sin_row = cos_ptr + pos * stride_table, sin_ptr + pos * stride_table
+        q = _rope_rows(q_ptr + heads[:, None] * DQ, offs_dq[None, :], mask_q, cos_row, sin_row, DQ // 2)
+        q = q.to(k_ptr.dtype.element_ty)  # rounded to the KV dtype, as the twin's q
+        if WRITE_KV:
+            slot = tl.load(slot_ptr)
+            if slot // SPLIT == i_s:
+                k = _rope_rows(q_ptr + (H + i_kv) * DQ, offs_dq, offs_dq < DQ, cos_row, sin_row, DQ // 2)
+                tl.store(k_head + slot * stride_k_s + offs_dq, k.to(k_ptr.dtype.element_ty), mask=offs_dq < DQ)
+                v = tl.load(q_ptr + (H + HK) * DQ + i_kv * DV + offs_dv, mask=offs_dv < DV)
+                tl.store(v_head + slot * stride_v_s + offs_dv, v.to(v_ptr.dtype.element_ty), mask=offs_dv < DV)
+            tl.debug_barrier()  # the new key and value are written before any thread of the program reads them
+    else:
+        q = tl.load(q_ptr + heads[:, None] * DQ + offs_dq[None, :], mask=mask_q, other=0.0)
     acc = tl.zeros((BLOCK_G, BLOCK_DV), dtype=tl.float32)
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     end = tl.minimum((i_s + 1) * SPLIT, num_valid)
     for start_n in range(i_s * SPLIT, end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, start_n, end, k_ptr + i_kv * stride_k_h, v_ptr + i_kv * stride_v_h,
-            stride_k_s, stride_v_s, scale_log2, None, None, 0, 0,
+            acc, m_i, l_i, q, start_n, end, k_head, v_head, stride_k_s, stride_v_s, scale_log2, None, None, 0, 0,
             False, False, DQ, DV, BLOCK_DQ, BLOCK_DV, BLOCK_N, IEEE,
         )  # fmt: skip
     part = heads * num_splits + i_s
     tl.store(m_part_ptr + part, m_i, mask=mask_g)
     tl.store(l_part_ptr + part, l_i, mask=mask_g)
-    tl.store(acc_part_ptr + part[:, None] * DV + offs_dv[None, :], acc,
-             mask=mask_g[:, None] & (offs_dv < DV)[None, :])  # fmt: skip
-
-
-@triton.jit
-def _attention_decode_combine_kernel(
-    m_part_ptr, l_part_ptr, acc_part_ptr, out_ptr,  # pointers
-    num_splits,  # sizes
-    DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,  # meta
-):  # fmt: skip
-    """Merges one query head's partial softmaxes (splits with no valid key carry m = -inf, l = 0)."""
-    i_h = tl.program_id(0)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask_s = offs_s < num_splits
-    m = tl.load(m_part_ptr + i_h * num_splits + offs_s, mask=mask_s, other=float("-inf"))
-    l = tl.load(l_part_ptr + i_h * num_splits + offs_s, mask=mask_s, other=0.0)
-    acc = tl.load(acc_part_ptr + (i_h * num_splits + offs_s)[:, None] * DV + offs_dv[None, :],
-                  mask=mask_s[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
-    m_max = tl.max(m, axis=0)
-    w = tl.where(mask_s & (m > float("-inf")), tl.exp2(m - m_max), 0.0)
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
-    tl.store(out_ptr + i_h * DV + offs_dv, out.to(out_ptr.dtype.element_ty), mask=offs_dv < DV)
+    tl.store(acc_part_ptr + part[:, None] * DV + offs_dv[None, :], acc, mask=mask_g[:, None] & (offs_dv < DV)[None, :])
+    tl.debug_barrier()  # every thread's partials are stored before the arrival is counted
+    arrived = tl.atomic_add(count_ptr + i_kv, 1)  # acq_rel, GPU scope: the earlier arrivals' partials are visible
+    if arrived == num_splits - 1:  # the last of this head's splits: merge them all, in split order
+        _merge_splits(m_part_ptr, l_part_ptr, acc_part_ptr, out_ptr, i_kv * GROUP, num_splits,
+                      tl.cdiv(num_valid, SPLIT), GROUP, DV, BLOCK_GM, BLOCK_S, BLOCK_DV)  # fmt: skip
+        tl.store(count_ptr + i_kv, 0)  # ready for the next launch
 
 
 def _dot_width(n: int) -> int:
@@ -314,6 +376,53 @@ def attention_prefill(
     return out
 
 
+_counters: dict[tuple, torch.Tensor] = {}  # (device, stream) -> the arrival counters there; (device, stream, n): all
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least n int32 zeros, one per KV head, for the decode kernel's split programs to count their arrivals in; the
+    last to arrive resets its counter. Launches on one stream run one after another (with PDL a kernel touches them
+    only after gdc_wait), so one buffer per device and stream serves them all. Never freed: a captured CUDA graph keeps
+    its address (an outgrown buffer is kept too)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    counters = _counters.get((device, stream))
+    if counters is None or counters.numel() < n:
+        counters = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+        _counters[device, stream, n] = _counters[device, stream] = counters
+    return counters
+
+
+def _decode_launch(q, qkv, pos, cos, sin, k_buf, v_buf, slot, num_valid, out):
+    """attention_decode (q given) or rope_attention_decode (qkv given): one launch of _attention_decode_kernel."""
+    Hk, capacity, dv = v_buf.shape
+    dq = k_buf.shape[2]
+    assert k_buf.shape == (Hk, capacity, dq), f"k_buf {tuple(k_buf.shape)}, v_buf {tuple(v_buf.shape)}"
+    assert k_buf.stride(2) == 1 and v_buf.stride(2) == 1, "head dims must be contiguous"
+    H = out.shape[0]
+    assert H % Hk == 0 and out.shape == (H, dv) and out.is_contiguous(), f"out {tuple(out.shape)} for {Hk} KV heads"
+    in_memory = isinstance(num_valid, torch.Tensor)
+    rope = qkv is not None
+    num_splits = triton.cdiv(capacity, DECODE_SPLIT)
+    m_part = torch.empty(H, num_splits, dtype=torch.float32, device=out.device)
+    l_part = torch.empty(H, num_splits, dtype=torch.float32, device=out.device)
+    acc_part = torch.empty(H, num_splits, dv, dtype=torch.float32, device=out.device)
+    _, use_pdl = launch_facts(out)
+    use_pdl = use_pdl and DECODE_USE_PDL
+    _attention_decode_kernel[(Hk, num_splits)](
+        qkv if rope else q, pos if rope else out, cos if rope else out, sin if rope else out,
+        out if slot is None else slot, k_buf, v_buf, num_valid if in_memory else out,
+        m_part, l_part, acc_part, _arrival_counters(out.device, Hk), out,
+        0 if in_memory else num_valid, num_splits, LOG2_E / math.sqrt(dq),
+        cos.stride(0) if rope else 0, k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+        H=H, HK=Hk, GROUP=H // Hk, DQ=dq, DV=dv, ROPE=rope, WRITE_KV=slot is not None, NUM_VALID_IN_MEMORY=in_memory,
+        BLOCK_G=_dot_width(H // Hk), BLOCK_GM=triton.next_power_of_2(H // Hk), BLOCK_DQ=_dot_width(dq),
+        BLOCK_DV=_dot_width(dv), BLOCK_N=DECODE_BLOCK_N,
+        SPLIT=DECODE_SPLIT, BLOCK_S=min(DECODE_MERGE_BLOCK, triton.next_power_of_2(num_splits)),
+        IEEE=k_buf.dtype == torch.float32, USE_PDL=use_pdl, launch_pdl=use_pdl,
+    )  # fmt: skip
+    return out
+
+
 def attention_decode(
     q: torch.Tensor,
     k_buf: torch.Tensor,
@@ -329,29 +438,39 @@ def attention_decode(
     returns out: (H, dv) in q.dtype (written into `out` if given)
     """
     H, dq = q.shape
-    Hk, capacity, dv = v_buf.shape
-    assert k_buf.shape == (Hk, capacity, dq) and H % Hk == 0, f"q {tuple(q.shape)}, k_buf {tuple(k_buf.shape)}"
-    assert q.is_contiguous() and k_buf.stride(2) == 1 and v_buf.stride(2) == 1, "head dims must be contiguous"
-    in_memory = isinstance(num_valid, torch.Tensor)
-    num_splits = triton.cdiv(capacity, DECODE_SPLIT)
-    m_part = torch.empty(H, num_splits, dtype=torch.float32, device=q.device)
-    l_part = torch.empty(H, num_splits, dtype=torch.float32, device=q.device)
-    acc_part = torch.empty(H, num_splits, dv, dtype=torch.float32, device=q.device)
-    out = torch.empty(H, dv, dtype=q.dtype, device=q.device) if out is None else out
-    assert out.shape == (H, dv) and out.is_contiguous()
-    _attention_decode_split_kernel[(Hk, num_splits)](
-        q, k_buf, v_buf, num_valid if in_memory else None, m_part, l_part, acc_part,
-        0 if in_memory else num_valid, num_splits, LOG2_E / math.sqrt(dq),
-        k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-        GROUP=H // Hk, DQ=dq, DV=dv, NUM_VALID_IN_MEMORY=in_memory, BLOCK_G=_dot_width(H // Hk),
-        BLOCK_DQ=_dot_width(dq), BLOCK_DV=_dot_width(dv), BLOCK_N=DECODE_BLOCK_N, SPLIT=DECODE_SPLIT,
-        IEEE=q.dtype == torch.float32,
-    )  # fmt: skip
-    _attention_decode_combine_kernel[(H,)](
-        m_part, l_part, acc_part, out, num_splits, DV=dv, BLOCK_S=triton.next_power_of_2(num_splits),
-        BLOCK_DV=_dot_width(dv),
-    )  # fmt: skip
-    return out
+    assert q.is_contiguous() and k_buf.shape[2] == dq, f"q {tuple(q.shape)}, k_buf {tuple(k_buf.shape)}"
+    out = torch.empty(H, v_buf.shape[2], dtype=q.dtype, device=q.device) if out is None else out
+    return _decode_launch(q, None, None, None, None, k_buf, v_buf, None, num_valid, out)
+
+
+def rope_attention_decode(
+    qkv: torch.Tensor,
+    num_heads: int,
+    pos: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    num_valid: torch.Tensor | int,
+    slot: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RoPE on one token's heads, then attention_decode, in one launch: the token's
+    num_heads query heads rotated at `pos`; with a slot, its key (rotated) and value stored there first, as a KV
+    producer layer does; then attention over the first num_valid slots, which must include `slot`.
+
+    qkv: the in_proj row (H*dq + Hk*dq + Hk*dv + ...,) fp32, laid out q | k | v | ...     pos, slot: (1,) int64
+    returns out: (H, dv) in the KV dtype (written into `out` if given)
+    """
+    dq = k_buf.shape[2]
+    assert qkv.is_contiguous() and cos.stride(1) == 1 and sin.stride() == cos.stride(), "contiguous rows expected"
+    assert pos.numel() == 1 and pos.dtype == torch.int64, "pos: one int64 on the device"
+    Hk, dv = v_buf.shape[0], v_buf.shape[2]
+    assert slot is None or (slot.numel() == 1 and slot.dtype == torch.int64), "slot: one int64 on the device"
+    assert qkv.numel() >= num_heads * dq + (0 if slot is None else Hk * (dq + dv)), f"qkv {tuple(qkv.shape)} too short"
+    out = torch.empty(num_heads, dv, dtype=k_buf.dtype, device=qkv.device) if out is None else out
+    return _decode_launch(None, qkv, pos, cos, sin, k_buf, v_buf, slot, num_valid, out)
 
 
 def attention_prefill_ref(
@@ -404,3 +523,41 @@ def attention_decode_ref(
     o = torch.einsum("hgs,hsd->hgd", torch.softmax(scores, dim=-1), v)  # (Hk, g, dv)
     result = o.reshape(H, -1).to(q.dtype)
     return result if out is None else out.copy_(result)
+
+
+def _rope_decode_ref(qkv, pos, cos, sin, q_out, k_buf=None, v_buf=None, slot=None) -> None:
+    """The token's query heads rotated at `pos` into q_out; with a slot, its key (rotated) and value stored there.
+    RoPE is the GPT-NeoX "rotate half" form with fp32 tables (spec 5). PyTorch ops on device tensors, no host sync."""
+    H, dq = q_out.shape
+    half = dq // 2
+    c, s = cos.index_select(0, pos.view(1)), sin.index_select(0, pos.view(1))  # (1, dq)
+
+    def rotate(x):  # (heads, dq) fp32
+        return x * c + torch.cat([-x[:, half:], x[:, :half]], dim=1) * s
+
+    q_out.copy_(rotate(qkv[: H * dq].float().view(H, dq)))
+    if slot is not None:
+        Hk, dv = v_buf.shape[0], v_buf.shape[2]
+        k = rotate(qkv[H * dq : (H + Hk) * dq].float().view(Hk, dq))
+        v = qkv[(H + Hk) * dq : (H + Hk) * dq + Hk * dv].view(Hk, dv)
+        k_buf.index_copy_(1, slot.view(1), k.unsqueeze(1).to(k_buf.dtype))
+        v_buf.index_copy_(1, slot.view(1), v.unsqueeze(1).to(v_buf.dtype))
+
+
+def rope_attention_decode_ref(
+    qkv: torch.Tensor,
+    num_heads: int,
+    pos: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    num_valid: torch.Tensor | int,
+    slot: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract as rope_attention_decode: the two twins one after the other."""
+    q = torch.empty(num_heads, k_buf.shape[2], dtype=k_buf.dtype, device=qkv.device)
+    _rope_decode_ref(qkv, pos, cos, sin, q, k_buf, v_buf, slot)
+    return attention_decode_ref(q, k_buf, v_buf, num_valid, out=out)

@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from kernels._triton import tl, triton
+from kernels.gemv import launch_facts
 
 BLOCK_T = 32  # prefill tile: (32 tokens, 128 channels) -> 1600 programs at T = 2048, d_inner = 3200
 BLOCK_D = 128
 BLOCK_D_UPDATE = 256  # decode: 13 programs at d_inner = 3200
+UPDATE_USE_PDL = True  # decode, with programmatic dependent launch where kernels/gemv.py launch_facts allows it
 
 
 @triton.jit
@@ -71,7 +73,11 @@ def _causal_conv1d_update_kernel(
     d,  # sizes
     stride_w_d, stride_state_d,  # strides, in elements
     K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,  # meta
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # nothing before this reads or writes memory
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_k = tl.arange(0, BLOCK_K)
     mask_d = offs_d < d
@@ -142,11 +148,13 @@ def causal_conv1d_update(
     assert x.stride(0) == 1 and weight.stride(1) == 1 and conv_state.stride(1) == 1, "channels must be contiguous"
     assert conv_state.shape == (d, K - 1) and conv_state.dtype == torch.float32, f"conv_state {conv_state.shape}"
     out = torch.empty_like(x) if out is None else out
+    use_pdl = launch_facts(x)[1] and UPDATE_USE_PDL
     _causal_conv1d_update_kernel[(triton.cdiv(d, BLOCK_D_UPDATE),)](
         x, weight, bias, conv_state, out,
         d,
         weight.stride(0), conv_state.stride(0),
         K=K, BLOCK_K=triton.next_power_of_2(K), HAS_BIAS=bias is not None, BLOCK_D=BLOCK_D_UPDATE,
+        USE_PDL=use_pdl, launch_pdl=use_pdl,
     )  # fmt: skip
     return out
 

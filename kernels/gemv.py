@@ -26,6 +26,9 @@ kernels, never the weights. Each kernel is launched with programmatic dependent 
 row block's weight loads, lets the next kernel launch (once every program has done so) and then waits at gdc_wait
 for the previous grid to finish with its writes visible. Nothing is read from x or written before that wait (out
 may be the residual the previous kernel read). Kernels launched without PDL after one of these wait as usual.
+The decode chain's small kernels (kernels/attention.py's decode, causal_conv1d_update, ssm_update) follow the same
+rule, with launch_facts deciding PDL: every PDL kernel waits before it reads or writes activations, so each wait
+also covers every kernel before the previous one.
 Launchers gemv / norm_gemv / norm_average_gemv / mlp_gemv for CUDA (and TRITON_INTERPRET=1); *_ref twins.
 """
 

@@ -14,7 +14,7 @@ tensor, so a CUDA graph captures them once per chunk shape. They replace some th
 
 Slot arithmetic (the same as DecodeState.slots): position p < num_meta, or any position of a global layer, sits at
 slot p; a sliding layer's later positions sit in a ring, at num_meta + (p - num_meta) % window.
-RoPE is the GPT-NeoX "rotate half" form with fp32 tables, as kernels/rope.py's decode kernel.
+RoPE is the GPT-NeoX "rotate half" form with fp32 tables, as in decode (kernels/attention.py).
 Triton kernels + launchers for CUDA (and TRITON_INTERPRET=1); rope_prefill_ref and store_kv_ref are the twins.
 """
 

@@ -12,19 +12,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import tl, triton
+from kernels._triton import HAS_TRITON, tl, triton
 
-# A program owns 32 // SPLIT_N channels and WARPS warps. Within a warp, lanes are (channel, one of SPLIT_N lanes per
-# channel), each holding N / SPLIT_N states in registers and stepping them row by row: the recurrence itself needs no
-# cross-lane work. One warp per scheduler is latency-bound (d = 3200 gives only 400 warps of such lanes), so the
-# warps split the rows into WARPS segments: a first pass summarises each segment from a zero state, a scan across the
-# warps turns the summaries into each segment's initial state, and a second pass scans the segments with outputs.
-# H100, T = 2048, d = 3200, CUDA-graph timed: 176 us, against 308 us for the earlier 32-row associative-scan kernel in
-# the same run. Alternatives measured: no segments (one warp per program) 228 us; WARPS = 2: 275; CHUNK_T = 4: 252;
-# B and C loaded at use instead of a chunk ahead: 516; staged through shared memory by cp.async: 2.4x slower.
-SPLIT_N = 4
+# A lane owns one channel and one time segment, its N states in registers (16 independent recurrences). Lanes are
+# (channel, segment), LANES_D channels by 32 // LANES_D segments, and the warps take more segments, so the lanes of one
+# segment read the same B and C rows. Two passes: each lane scans the segment before its own from a zero state
+# (summarised as s -> a * s + b), a scan across the segments turns the summaries into each segment's initial state,
+# and each lane scans its own segment with outputs. u, dt and z load a step of ROWS rows ahead (DRAM's latency), B and
+# C a row ahead, into registers; MAX_REGS = 128 keeps 4 programs (16 warps) per SM, all 400 resident at d = 3200.
+# H100, d = 3200, N = 16, fp32 u/dt/z (z strided), fp32 B and C as the engine passes them, CUDA-graph timed by
+# tools/time_scan.py, T = 2048 / 1024 / 256: 143 / 73 / 20 us, against 176 / 90 / 23 for the kernel before it (lanes
+# splitting each channel's states, shuffles per row; bf16 B and C: 160 / 79 / 22 with ROWS = 4, against 192 / 97 / 25).
+# Measured at T = 2048 (us): ROWS = 4: 170 (a few spills at 128 registers); ROWS = 4 uncapped (152 registers, 3
+# programs per SM, the last 4 a second wave): 276; B and C two rows ahead: 144; everything one row ahead: 181 (each
+# row waits on DRAM); with ROWS = 4, 16 channels x 2 segment lanes x 8 warps: 162, 2 warps (8 segments): 293, 16
+# channels x 4 warps: 272. Lanes along time instead (8 rows a lane, each exp taken once, shuffle scans across the
+# lanes): 320 (193 with bf16 B and C): every B and C load then reads 8 rows, and 800 warps are too few to hide it.
+# Floors: the 105M exps take ~30 us of MUFU, ~60 with the second pass's; SASS: ~127 instructions a row in pass 1, ~194
+# in pass 2 (16 states), ~70 us at one instruction a cycle per scheduler. The 143 is latency: ~3 warps per scheduler.
+LANES_D = 8
 WARPS = 4
-CHUNK_T = 8
+ROWS = 2
+MAX_REGS = 128
 
 # The twin materialises (c, c, d, N) decay weights per chunk of c tokens; this bounds that tensor's elements.
 _MAX_CHUNK_ELEMENTS = 1 << 22
@@ -33,9 +42,8 @@ _MAX_CHUNK_ELEMENTS = 1 << 22
 @triton.jit
 def _softplus(x):
     """log(1 + e^x) = max(x, 0) + log1p(v), v = e^-|x| in (0, 1]; log1p(v) = 2 atanh(w), w = v / (2 + v) <= 1/3,
-    summed to w^13 (relative error < 4e-7 with an exact exp). Cheaper than log + Kahan's division, which this kernel
-    would otherwise spend as much on as on the 16 state updates."""
-    v = tl.exp(-tl.abs(x))
+    summed to w^13 (relative error < 4e-7 with an exact exp). Cheaper than log + Kahan's division."""
+    v = tl.exp2(-tl.abs(x) * 1.4426950408889634)
     w = v / (2.0 + v)
     w2 = w * w
     p = 1.0 / 13.0
@@ -49,44 +57,11 @@ def _softplus(x):
 
 
 @triton.jit
-def _pick(tile, sel, axes: tl.constexpr):
-    """The entries of tile where sel holds, summed over axes (one per group): integer adds of 0 fold away, x + 0.0
-    would not."""
+def _pick(tile, sel, axis: tl.constexpr):
+    """The entries of an fp32 tile where sel holds, summed over axis (one per group). Along an axis held in
+    registers this costs nothing: integer adds of 0 fold away, x + 0.0 would not."""
     bits = tl.where(sel, tile.to(tl.int32, bitcast=True), 0)
-    for axis in tl.static_range(len(axes)):
-        bits = tl.sum(bits, axis=axes[axis])
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _load_compact(ptr, stride_t, offs_t, d4, mask):
-    """u, dt or z rows offs_t of the channels d4 as a compact (L, TL, W, TH) tile; zeros where masked."""
-    return tl.load(ptr + offs_t * stride_t + d4, mask=mask, other=0.0)
-
-
-@triton.jit
-def _load_rows(ptr, stride_t, rows, n5, mask_n5, other_n5, PER_LANE: tl.constexpr, VEC: tl.constexpr):
-    """B or C rows (1, 1, W, 1, CHUNK_T) as (L, S, W, R, CHUNK_T): each lane's R states of every row."""
-    offs = rows * stride_t
-    if VEC:  # (stated here: a hint on the stride argument itself is dropped)
-        offs = tl.multiple_of(offs, (PER_LANE,) * 5)
-    return tl.load(ptr + offs + n5, mask=mask_n5, other=other_n5)
-
-
-@triton.jit
-def _steps(state, A, delta, delta_u, B, C, o_s, o_th, o_c, SPLIT_N: tl.constexpr, CHUNK_T: tl.constexpr):
-    """The recurrence over the CHUNK_T rows of a chunk; with C, also y (in delta's compact layout). Each row's delta
-    and delta * u reach the SPLIT_N lanes of its channel by a butterfly; y's shares come back the same way."""
-    y = tl.zeros_like(delta)
-    for i in tl.static_range(CHUNK_T):
-        sel = (o_s[None, :, None, None] == i % SPLIT_N) & (o_th[None, None, None, :] == i // SPLIT_N)  # row i
-        delta_i = _pick(delta, sel, (3, 1))[:, None, :, None]  # (L, 1, W, 1)
-        delta_u_i = _pick(delta_u, sel, (3, 1))[:, None, :, None]
-        state = tl.exp2(delta_i * A) * state + delta_u_i * _pick(B, o_c == i, (4,))
-        if C is not None:
-            y_i = tl.sum(tl.sum(state * _pick(C, o_c == i, (4,)), axis=3), axis=1)  # (L, W)
-            y = tl.where(sel, y_i[:, None, :, None], y)
-    return state, y
+    return tl.sum(bits, axis=axis).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -96,111 +71,135 @@ def _linear_recurrence(a_prev, b_prev, a_next, b_next):
 
 
 @triton.jit
+def _row_bc(B_ptr, C_ptr, stride_B_t, stride_C_t, row, T, n4, mask_n4, other_n4, WITH_OUT: tl.constexpr,
+            VEC_BC: tl.constexpr):  # fmt: skip
+    """B and C (D, G, RH, RL) of row (1, G, 1), clamped into [0, T): every channel lane reads its segment's row. C only
+    for the pass with outputs (else a stand-in)."""
+    row = tl.minimum(tl.maximum(row, 0), T - 1)[:, :, :, None]
+    offs_b, offs_c = row * stride_B_t + n4, row * stride_C_t + n4
+    if VEC_BC:  # (stated here: a hint on the stride argument itself is dropped)
+        offs_b = tl.multiple_of(offs_b, (1, 1, 1, 4))
+        offs_c = tl.multiple_of(offs_c, (1, 1, 1, 4))
+    B = tl.load(B_ptr + offs_b, mask=mask_n4, other=other_n4)
+    C = B
+    if WITH_OUT:
+        C = tl.load(C_ptr + offs_c, mask=mask_n4, other=other_n4)
+    return B, C
+
+
+@triton.jit
+def _scan_segment(state, delta_sum, first, seg, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, out_ptr, stride_u_t, stride_dt_t,
+                  stride_z_t, stride_B_t, stride_C_t, stride_out_t, n_valid, T, A, D, dt_bias, d3, mask_d, c3, n4,
+                  mask_n4, other_n4, WITH_OUT: tl.constexpr, ROWS: tl.constexpr, VEC_BC: tl.constexpr):  # fmt: skip
+    """Rows first .. first + seg - 1 of each lane's segment (first: (1, G, 1)), ROWS rows a turn of the loop: u, dt and
+    z load a turn ahead (DRAM's latency), B and C a row ahead. With outputs (WITH_OUT), y and the gated output are
+    stored; without, the rows' deltas are summed into delta_sum (D, G, C). Rows outside [0, n_valid): identity steps."""
+    rows = first + c3  # (1, G, C)
+    mask = (rows >= 0) & (rows < n_valid) & mask_d
+    u_n = tl.load(u_ptr + rows * stride_u_t + d3, mask=mask, other=0.0)
+    dt_n = tl.load(dt_ptr + rows * stride_dt_t + d3, mask=mask, other=0.0)
+    z_n = u_n
+    if WITH_OUT:
+        z_n = tl.load(z_ptr + rows * stride_z_t + d3, mask=mask, other=0.0)
+    B_n, C_n = _row_bc(B_ptr, C_ptr, stride_B_t, stride_C_t, first, T, n4, mask_n4, other_n4, WITH_OUT, VEC_BC)
+    for t0 in range(0, seg, ROWS):
+        u, dt, z, rows_cur, mask_cur = u_n.to(tl.float32), dt_n.to(tl.float32), z_n.to(tl.float32), rows, mask
+        rows = first + t0 + ROWS + c3
+        mask = (rows >= 0) & (rows < n_valid) & mask_d
+        u_n = tl.load(u_ptr + rows * stride_u_t + d3, mask=mask, other=0.0)
+        dt_n = tl.load(dt_ptr + rows * stride_dt_t + d3, mask=mask, other=0.0)
+        if WITH_OUT:
+            z_n = tl.load(z_ptr + rows * stride_z_t + d3, mask=mask, other=0.0)
+        delta = tl.where(mask_cur, _softplus(dt + dt_bias), 0.0)  # (D, G, C); masked rows: the identity step
+        delta_u = delta * u
+        y = tl.zeros_like(delta)
+        for i in tl.static_range(ROWS):
+            B, C = B_n.to(tl.float32), C_n.to(tl.float32)
+            B_n, C_n = _row_bc(B_ptr, C_ptr, stride_B_t, stride_C_t, first + t0 + i + 1, T, n4, mask_n4, other_n4,
+                               WITH_OUT, VEC_BC)  # fmt: skip
+            delta_i = _pick(delta, c3 == i, 2)[:, :, None, None]  # (D, G, 1, 1)
+            delta_u_i = _pick(delta_u, c3 == i, 2)[:, :, None, None]
+            state = tl.exp2(delta_i * A) * state + delta_u_i * B
+            if WITH_OUT:
+                y_i = tl.sum(tl.sum(state * C, axis=3), axis=2)  # (D, G)
+                y = tl.where(c3 == i, y_i[:, :, None], y)
+        if WITH_OUT:
+            out = (y + D * u) * z * tl.sigmoid(z)  # rows past n_valid: z = 0, out = 0
+            tl.store(out_ptr + rows_cur * stride_out_t + d3, out.to(out_ptr.dtype.element_ty),
+                     mask=(rows_cur < T) & mask_d)  # fmt: skip
+        else:
+            delta_sum += delta
+    return state, delta_sum
+
+
+# Sizes and strides are not specialised on (divisible by 16, equal to 1): nothing here gains from it, and a prompt of a
+# new length would otherwise compile a kernel of its own on first use.
+_any_size = ("T", "d_inner", "stride_u_t", "stride_dt_t", "stride_z_t", "stride_B_t", "stride_C_t", "stride_out_t",
+             "stride_A_d", "stride_state_d")  # fmt: skip
+
+
+@(triton.jit(do_not_specialize=_any_size) if HAS_TRITON else triton.jit)
 def _selective_scan_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, state_ptr, out_ptr, valid_ptr,  # pointers
     T, d_inner,  # sizes
     stride_u_t, stride_dt_t, stride_z_t, stride_B_t, stride_C_t, stride_out_t, stride_A_d, stride_state_d,  # strides
-    D_STATE: tl.constexpr, SPLIT_N: tl.constexpr, PER_LANE: tl.constexpr, WARPS: tl.constexpr,  # meta
-    CHUNK_T: tl.constexpr, VEC_BC: tl.constexpr, HAS_VALID: tl.constexpr,
+    D_STATE: tl.constexpr, N_HI: tl.constexpr, LANES_D: tl.constexpr, WARPS: tl.constexpr,  # meta
+    ROWS: tl.constexpr, VEC_BC: tl.constexpr, HAS_VALID: tl.constexpr,
 ):  # fmt: skip
-    # A program owns 32 // SPLIT_N channels; its WARPS warps split the rows into as many segments. Pass 1: warp w scans
-    # segment w - 1 from a zero state (warp 0: nothing), summarised as s -> a * s + b. A scan of those maps across the
-    # warps gives each warp the state its own segment starts from. Pass 2: each warp scans its segment with outputs.
-    # Dimensions, in an order that makes Triton's default (coalesced) layouts the ones wanted: lanes, warp, registers.
-    # L: the 32 // SPLIT_N channels; S = SPLIT_N lanes per channel; W: warps; R = PER_LANE states per lane;
-    # TL = SPLIT_N, TH = CHUNK_T // SPLIT_N: row t0 + th * TL + tl of a chunk of the segment.
-    #   state, A:  (L, S, W, R)          state n = s * R + r
-    #   B, C:      (L, S, W, R, CHUNK_T) each lane's R states of every row of the chunk, in its registers
-    #   u, dt, z:  (L, TL, W, TH)        compact: softplus and gating run once per (row, channel)
-    # Index vectors are stated non-contiguous (and r too, unless B and C rows allow R-element vectors, VEC_BC): a
-    # contiguous one would become a vector per lane and push the lanes onto other dimensions.
-    LANES_D: tl.constexpr = 32 // SPLIT_N
-    TIME_HI: tl.constexpr = CHUNK_T // SPLIT_N
-    o_l = tl.max_contiguous(tl.arange(0, LANES_D), 1)
-    o_s = tl.max_contiguous(tl.arange(0, SPLIT_N), 1)
-    o_w = tl.max_contiguous(tl.arange(0, WARPS), 1)
-    o_r = tl.arange(0, PER_LANE) if VEC_BC else tl.max_contiguous(tl.arange(0, PER_LANE), 1)
-    o_th = tl.max_contiguous(tl.arange(0, TIME_HI), 1)
-    o_c = tl.arange(0, CHUNK_T)
+    # Dimensions, in an order that makes Triton's default (coalesced) layouts the ones wanted: D = LANES_D channel
+    # lanes; G = 32 // LANES_D * WARPS segments (lanes, then warps); RH = N_HI, RL = 4: states n = 4 * rh + rl
+    # (registers; RL a vector of B or C); C = ROWS rows of a step (registers).
+    #   state, A, a, b:      (D, G, RH, RL)
+    #   B, C (one row's):    (D, G, RH, RL)
+    #   u, dt, z, delta, y:  (D, G, C)
+    # Index vectors are stated non-contiguous (the states too, unless B and C rows allow 4-element vectors, VEC_BC):
+    # a contiguous one would become a vector per lane and push the lanes onto other dimensions.
+    SEGS: tl.constexpr = 32 // LANES_D * WARPS
+    o_d = tl.max_contiguous(tl.arange(0, LANES_D), 1)
+    o_g = tl.max_contiguous(tl.arange(0, SEGS), 1)
+    o_h = tl.max_contiguous(tl.arange(0, N_HI), 1)
+    o_r = tl.arange(0, 4) if VEC_BC else tl.max_contiguous(tl.arange(0, 4), 1)
+    o_c = tl.max_contiguous(tl.arange(0, ROWS), 1)
 
-    d4 = tl.program_id(0) * LANES_D + o_l[:, None, None, None]  # (L, 1, 1, 1) channels
-    n4 = o_s[None, :, None, None] * PER_LANE + o_r[None, None, None, :]  # (1, S, 1, R) states
-    mask4 = (d4 < d_inner) & (n4 < D_STATE)
-    mask_d = d4 < d_inner
-    w4 = o_w[None, None, :, None]  # (1, 1, W, 1)
-    n5 = (n4 + 0 * d4 + 0 * w4)[:, :, :, :, None]  # (L, S, W, R, 1): every channel's lanes read the B and C rows
-    mask_n5, other_n5 = (n5 < D_STATE, 0.0) if D_STATE < SPLIT_N * PER_LANE else (None, None)  # padded states?
-    t_c = o_s[None, :, None, None] + SPLIT_N * o_th[None, None, None, :]  # (1, TL, 1, TH): row in the chunk
+    d3 = tl.program_id(0) * LANES_D + o_d[:, None, None]  # (D, 1, 1) channels
+    g3 = o_g[None, :, None]  # (1, G, 1) segments
+    c3 = o_c[None, None, :]  # (1, 1, C) rows of a step
+    mask_d = d3 < d_inner
+    d4, g4 = d3[:, :, :, None], g3[:, :, :, None]
+    n4 = (o_h[:, None] * 4 + o_r[None, :])[None, None, :, :]  # (1, 1, RH, RL) states
+    mask4 = (d4 < d_inner) & (n4 < D_STATE) & (g4 >= 0)  # (D, G, RH, RL)
+    n4_bc = n4 + 0 * d4  # (D, 1, RH, RL): every channel lane reads B and C
+    mask_n4, other_n4 = (None, None) if D_STATE == N_HI * 4 else ((n4_bc < D_STATE) & (g4 >= 0), 0.0)  # padded states
     n_valid = T
     if HAS_VALID:  # a padded chunk: rows from n_valid on are identity steps
         n_valid = tl.maximum(tl.minimum(tl.load(valid_ptr).to(tl.int32), T), 0)
-    seg = tl.cdiv(tl.cdiv(n_valid, WARPS), CHUNK_T) * CHUNK_T  # rows per segment
+    seg = tl.cdiv(tl.cdiv(n_valid, SEGS), ROWS) * ROWS  # rows per segment
 
-    A = tl.load(A_ptr + d4 * stride_A_d + n4, mask=mask4, other=0.0) * 1.4426950408889634  # (L, S, 1, R), log2 units
-    p_state = state_ptr + d4 * stride_state_d + n4
-    dt_bias = tl.load(dt_bias_ptr + d4, mask=mask_d, other=0.0)  # (L, 1, 1, 1)
-    D = tl.load(D_ptr + d4, mask=mask_d, other=0.0)
+    A = tl.load(A_ptr + d4 * stride_A_d + n4 + 0 * g4, mask=mask4, other=0.0) * 1.4426950408889634  # log2 units
+    p_state = state_ptr + d4 * stride_state_d + n4 + 0 * g4  # (D, G, RH, RL)
+    dt_bias = tl.load(dt_bias_ptr + d3, mask=mask_d, other=0.0)  # (D, 1, 1)
+    D = tl.load(D_ptr + d3, mask=mask_d, other=0.0)
 
-    # Pass 1: warp w, segment w - 1. In both passes, loads run one chunk ahead, into registers. (cp.async's
-    # shared-memory copies of the B and C rows, one per channel, conflicted on every bank.)
-    base = (w4 - 1) * seg
-    offs_t = base + t_c
-    mask_t = (offs_t >= 0) & (offs_t < n_valid) & mask_d
-    u_n = _load_compact(u_ptr, stride_u_t, offs_t, d4, mask_t)
-    dt_n = _load_compact(dt_ptr, stride_dt_t, offs_t, d4, mask_t)
-    B_n = _load_rows(B_ptr, stride_B_t, tl.minimum(tl.maximum(base[:, :, :, :, None] + o_c, 0), T - 1), n5, mask_n5,
-                     other_n5, PER_LANE, VEC_BC)  # fmt: skip
-    b = tl.zeros_like(A + w4)  # (L, S, W, R): the segment's state from zero
-    delta_sum = tl.zeros_like(dt_n.to(tl.float32))
-    for t0 in range(0, seg, CHUNK_T):
-        u, dt, B, mask_cur = u_n.to(tl.float32), dt_n.to(tl.float32), B_n.to(tl.float32), mask_t
-        offs_t = base + t0 + CHUNK_T + t_c
-        mask_t = (offs_t >= 0) & (offs_t < n_valid) & mask_d
-        u_n = _load_compact(u_ptr, stride_u_t, offs_t, d4, mask_t)
-        dt_n = _load_compact(dt_ptr, stride_dt_t, offs_t, d4, mask_t)
-        rows = tl.minimum(tl.maximum(base[:, :, :, :, None] + t0 + CHUNK_T + o_c, 0), T - 1)
-        B_n = _load_rows(B_ptr, stride_B_t, rows, n5, mask_n5, other_n5, PER_LANE, VEC_BC)
-        delta = tl.where(mask_cur, _softplus(dt + dt_bias), 0.0)  # masked rows: the identity step
-        delta_sum += delta
-        b, _ = _steps(b, A, delta, delta * u, B, None, o_s, o_th, o_c, SPLIT_N, CHUNK_T)
-    a = tl.exp2(tl.sum(tl.sum(delta_sum, axis=3), axis=1)[:, None, :, None] * A)  # (L, S, W, R)
-    # Warp w composes segments 0 .. w - 1 and applies them to ssm_state.
-    a, b = tl.associative_scan((a, b), axis=2, combine_fn=_linear_recurrence)
-    state = a * tl.load(p_state, mask=mask4, other=0.0) + b  # (L, S, W, R) fp32
+    # Pass 1: lane g, segment g - 1 (g = 0: none, all rows masked), from a zero state.
+    b, delta_sum = _scan_segment(tl.zeros_like(A), tl.zeros_like(dt_bias + (g3 + c3).to(tl.float32)), (g3 - 1) * seg,
+                                 seg, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, out_ptr, stride_u_t, stride_dt_t, stride_z_t,
+                                 stride_B_t, stride_C_t, stride_out_t, n_valid, T, A, D, dt_bias, d3, mask_d, c3, n4_bc,
+                                 mask_n4, other_n4, False, ROWS, VEC_BC)  # fmt: skip
+    a = tl.exp2(tl.sum(delta_sum, axis=2)[:, :, None, None] * A)
+    # Lane g composes segments 0 .. g - 1 and applies them to ssm_state.
+    a, b = tl.associative_scan((a, b), axis=1, combine_fn=_linear_recurrence)
+    state = a * tl.load(p_state, mask=mask4, other=0.0) + b  # (D, G, RH, RL) fp32
 
-    # Pass 2: warp w, segment w, from its initial state.
-    base = w4 * seg
-    offs_t = base + t_c
-    mask_t = (offs_t < n_valid) & mask_d
-    u_n = _load_compact(u_ptr, stride_u_t, offs_t, d4, mask_t)
-    dt_n = _load_compact(dt_ptr, stride_dt_t, offs_t, d4, mask_t)
-    z_n = _load_compact(z_ptr, stride_z_t, offs_t, d4, mask_t)
-    rows = tl.minimum(base[:, :, :, :, None] + o_c, T - 1)
-    B_n = _load_rows(B_ptr, stride_B_t, rows, n5, mask_n5, other_n5, PER_LANE, VEC_BC)
-    C_n = _load_rows(C_ptr, stride_C_t, rows, n5, mask_n5, other_n5, PER_LANE, VEC_BC)
-    for t0 in range(0, seg, CHUNK_T):
-        u, dt, z = u_n.to(tl.float32), dt_n.to(tl.float32), z_n.to(tl.float32)
-        B, C = B_n.to(tl.float32), C_n.to(tl.float32)
-        offs_cur, mask_cur = offs_t, mask_t
-        offs_t = base + t0 + CHUNK_T + t_c
-        mask_t = (offs_t < n_valid) & mask_d
-        u_n = _load_compact(u_ptr, stride_u_t, offs_t, d4, mask_t)
-        dt_n = _load_compact(dt_ptr, stride_dt_t, offs_t, d4, mask_t)
-        z_n = _load_compact(z_ptr, stride_z_t, offs_t, d4, mask_t)
-        rows = tl.minimum(base[:, :, :, :, None] + t0 + CHUNK_T + o_c, T - 1)  # past T: row T - 1, unused
-        B_n = _load_rows(B_ptr, stride_B_t, rows, n5, mask_n5, other_n5, PER_LANE, VEC_BC)
-        C_n = _load_rows(C_ptr, stride_C_t, rows, n5, mask_n5, other_n5, PER_LANE, VEC_BC)
-        delta = tl.where(mask_cur, _softplus(dt + dt_bias), 0.0)
-        state, y = _steps(state, A, delta, delta * u, B, C, o_s, o_th, o_c, SPLIT_N, CHUNK_T)
-        out = (y + D * u) * z * tl.sigmoid(z)  # rows past n_valid: z = 0, out = 0
-        tl.store(out_ptr + offs_cur * stride_out_t + d4, out.to(out_ptr.dtype.element_ty),
-                 mask=(offs_cur < T) & mask_d)  # fmt: skip
-    tl.store(p_state + 0 * w4, state, mask=mask4 & (w4 == WARPS - 1))  # the last segment's: the state at n_valid
+    # Pass 2: lane g, segment g, from its initial state, with outputs.
+    state, _ = _scan_segment(state, delta_sum, g3 * seg, seg, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, out_ptr, stride_u_t,
+                             stride_dt_t, stride_z_t, stride_B_t, stride_C_t, stride_out_t, n_valid, T, A, D, dt_bias,
+                             d3, mask_d, c3, n4_bc, mask_n4, other_n4, True, ROWS, VEC_BC)  # fmt: skip
+    tl.store(p_state, state, mask=mask4 & (g4 == SEGS - 1))  # the last segment's: the state at n_valid
 
-    for t0 in range(WARPS * seg, T, WARPS * CHUNK_T):  # rows past the segments (padding): zeros
-        offs_t = t0 + w4 * CHUNK_T + t_c
-        tl.store(out_ptr + offs_t * stride_out_t + d4, tl.zeros_like(dt_bias + offs_t).to(out_ptr.dtype.element_ty),
-                 mask=(offs_t < T) & mask_d)  # fmt: skip
+    for t0 in range(SEGS * seg, T, SEGS * ROWS):  # rows past the segments (padding): zeros
+        rows = t0 + g3 * ROWS + c3
+        tl.store(out_ptr + rows * stride_out_t + d3, tl.zeros_like(dt_bias + rows).to(out_ptr.dtype.element_ty),
+                 mask=(rows < T) & mask_d)  # fmt: skip
 
 
 def selective_scan(
@@ -237,17 +236,15 @@ def selective_scan(
     assert out.shape == (T, d) and out.stride(1) == 1
     if T == 0:
         return out
-    block_n = triton.next_power_of_2(N)
-    split_n = min(SPLIT_N, block_n)
-    per_lane = block_n // split_n
-    vec_bc = all(t.data_ptr() % 16 == 0 and t.stride(0) % per_lane == 0 for t in (B, C))
-    _selective_scan_kernel[(triton.cdiv(d, 32 // split_n),)](
+    n_hi = triton.cdiv(N, 4)
+    vec_bc = all(t.data_ptr() % 16 == 0 and t.stride(0) % 4 == 0 for t in (B, C))
+    _selective_scan_kernel[(triton.cdiv(d, LANES_D),)](
         u, dt, A, B, C, D, z, dt_bias, ssm_state, out, ssm_state if valid is None else valid,
         T, d,
         u.stride(0), dt.stride(0), z.stride(0), B.stride(0), C.stride(0), out.stride(0), A.stride(0),
         ssm_state.stride(0),
-        D_STATE=N, SPLIT_N=split_n, PER_LANE=per_lane, WARPS=WARPS, CHUNK_T=max(CHUNK_T, split_n),
-        VEC_BC=vec_bc, HAS_VALID=valid is not None, num_warps=WARPS,
+        D_STATE=N, N_HI=triton.next_power_of_2(n_hi), LANES_D=LANES_D, WARPS=WARPS, ROWS=ROWS, VEC_BC=vec_bc,
+        HAS_VALID=valid is not None, num_warps=WARPS, maxnreg=MAX_REGS,
     )  # fmt: skip
     return out
 

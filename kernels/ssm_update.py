@@ -7,6 +7,8 @@
 At batch 1 each of these is a tiny op, so one launch does them all (issue 5): every program recomputes the three
 small norms (R + 2N floats) and owns BLOCK_D channels' rows of dt_proj and of the state. Roundings as in
 engine/model.py: norms in fp32, the dt operand rounded once to dt_proj's dtype, fp32 accumulation and state.
+With programmatic dependent launch (CUDA, kernels/gemv.py launch_facts) a program loads its dt_proj rows and A, which
+no kernel writes, then waits for the kernels before it.
 Triton kernel + launcher ssm_update for CUDA (and TRITON_INTERPRET=1); ssm_update_ref is the PyTorch twin.
 """
 
@@ -16,10 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from kernels._triton import tl, triton
-from kernels.gemv import linear
+from kernels.gemv import launch_facts, linear
 from kernels.rms_norm import rms_norm_ref
 
 BLOCK_D = 8  # channels per program: 400 programs at d_inner = 3200; 5.3 us on the H100 against 10.5 at 64 (sweep)
+USE_PDL = True  # with programmatic dependent launch where kernels/gemv.py launch_facts allows it
 
 
 @triton.jit
@@ -48,25 +51,29 @@ def _ssm_update_kernel(
     d_inner, d_state, dt_rank, eps,  # sizes
     stride_state_d, stride_A_d, stride_dt_w,  # strides, in elements (vectors are contiguous)
     HAS_NORMS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,  # meta
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # the channels this program owns
     offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     mask_d = offs_d < d_inner
     mask_dn = mask_d[:, None] & (offs_n[None, :] < d_state)
+    dt_w = tl.load(dt_w_ptr + offs_d[:, None] * stride_dt_w + offs_r[None, :],
+                   mask=mask_d[:, None] & (offs_r < dt_rank)[None, :], other=0.0)  # fmt: skip
+    A = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :], mask=mask_dn, other=0.0)  # (BLOCK_D, BLOCK_N)
+    if USE_PDL:  # only the weights above were read before this
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
 
     dt_low = _load_normed(dbc_ptr, dt_norm_ptr, offs_r, dt_rank, eps, HAS_NORMS)  # (BLOCK_R,)
     B = _load_normed(dbc_ptr + dt_rank, B_norm_ptr, offs_n, d_state, eps, HAS_NORMS)  # (BLOCK_N,)
     C = _load_normed(dbc_ptr + dt_rank + d_state, C_norm_ptr, offs_n, d_state, eps, HAS_NORMS)
     dt_low = dt_low.to(dt_w_ptr.dtype.element_ty).to(tl.float32)  # the operand rounding of dt_proj
-    dt_w = tl.load(dt_w_ptr + offs_d[:, None] * stride_dt_w + offs_r[None, :],
-                   mask=mask_d[:, None] & (offs_r < dt_rank)[None, :], other=0.0)  # fmt: skip
     dt = tl.sum(dt_w.to(tl.float32) * dt_low[None, :], axis=1)  # (BLOCK_D,) fp32
     delta = softplus(dt + tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0))  # bias added in fp32 (Q8)
 
     x = tl.load(x_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
     z = tl.load(z_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    A = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :], mask=mask_dn, other=0.0)  # (BLOCK_D, BLOCK_N)
     p_state = state_ptr + offs_d[:, None] * stride_state_d + offs_n[None, :]
     state = tl.load(p_state, mask=mask_dn, other=0.0)
 
@@ -106,12 +113,13 @@ def ssm_update(
         assert t.shape == (n,) and t.stride(0) == 1, f"{name}: expected contiguous ({n},), got {tuple(t.shape)}"
     norm_dt, norm_B, norm_C = (dbc, dbc, dbc) if norm_weights is None else norm_weights
     out = torch.empty_like(x) if out is None else out
+    use_pdl = launch_facts(x)[1] and USE_PDL
     _ssm_update_kernel[(triton.cdiv(d, BLOCK_D),)](
         state, x, dbc, dt_weight, dt_bias, A, D, z, norm_dt, norm_B, norm_C, out,
         d, N, R, eps,
         state.stride(0), A.stride(0), dt_weight.stride(0),
         HAS_NORMS=norm_weights is not None, BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(N),
-        BLOCK_R=triton.next_power_of_2(R),
+        BLOCK_R=triton.next_power_of_2(R), USE_PDL=use_pdl, launch_pdl=use_pdl,
     )  # fmt: skip
     return out
 

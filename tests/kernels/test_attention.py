@@ -12,7 +12,14 @@ import torch
 from engine.config import HymbaConfig
 from engine.state import DecodeState
 from kernels import attention
-from kernels.attention import attention_decode, attention_decode_ref, attention_prefill, attention_prefill_ref
+from kernels.attention import (
+    attention_decode,
+    attention_decode_ref,
+    attention_prefill,
+    attention_prefill_ref,
+    rope_attention_decode,
+    rope_attention_decode_ref,
+)
 from kernels.prefill_kv import store_kv_ref
 from tests.conftest import assert_close, nan_empty
 
@@ -105,7 +112,7 @@ def check_decode(H, Hk, dq, dv, capacity, num_valid, dtype, device) -> None:
     assert_close("out", out, attention_decode_ref(q, k_buf, v_buf, num_valid), dtype)
 
 
-# num_valid: one slot; a partly filled buffer; exactly one split (256); one past a split; a full buffer
+# num_valid: one slot; a partly filled buffer; exactly two splits (128 each); one past a split; a full buffer
 @pytest.mark.parametrize("num_valid", [1, 37, 256, 257, 300], ids=str)
 @pytest.mark.parametrize("as_tensor", [False, True], ids=["int", "tensor"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -118,6 +125,59 @@ def test_attention_decode_matches_ref(num_valid, as_tensor, dtype, device, seed)
 @pytest.mark.parametrize("capacity, num_valid", [(1152, 1152), (1152, 700), (8320, 8320), (8320, 129)], ids=str)
 def test_attention_decode_matches_ref_at_real_size(capacity, num_valid, device, seed):
     check_decode(25, 5, 64, 128, capacity, torch.tensor(num_valid, device=device), torch.bfloat16, device)
+
+
+def check_rope_decode(H, Hk, dq, dv, capacity, num_valid, pos, slot, dtype, device) -> None:
+    """rope_attention_decode against rope_decode_ref + attention_decode_ref: the output, and with a slot (a KV producer)
+    the buffers, whose slot starts as NaN (a missed write stays NaN) and whose other slots must not change."""
+    qkv = torch.randn(H * dq + Hk * (dq + dv) + 2 * 24, device=device)  # q | k | v | x | z, fp32
+    cos, sin = torch.rand(pos + 3, dq, device=device) * 2 - 1, torch.rand(pos + 3, dq, device=device) * 2 - 1
+    k_buf = torch.randn(Hk, capacity, dq, device=device).to(dtype)
+    v_buf = torch.randn(Hk, capacity, dv, device=device).to(dtype)
+    if slot is not None:
+        k_buf[:, slot], v_buf[:, slot] = float("nan"), float("nan")
+    k_ref, v_ref = k_buf.clone(), v_buf.clone()
+    pos_t, n = torch.tensor([pos], device=device), torch.tensor(num_valid, device=device)
+    slot_t = None if slot is None else torch.tensor([slot], device=device)
+    out = rope_attention_decode(qkv, H, pos_t, cos, sin, k_buf, v_buf, n, slot_t,
+                                out=nan_empty(H, dv, dtype=dtype, device=device))  # fmt: skip
+    expected = rope_attention_decode_ref(qkv, H, pos_t, cos, sin, k_ref, v_ref, n, slot_t)
+    assert_close("out", out, expected, dtype)
+    if slot is not None:
+        assert_close("k at the slot", k_buf[:, slot], k_ref[:, slot], dtype)
+        assert_close("v at the slot", v_buf[:, slot], v_ref[:, slot], dtype)
+    others = torch.arange(capacity, device=device) != (-1 if slot is None else slot)
+    assert torch.equal(k_buf[:, others], k_ref[:, others]), "k_buf changed outside the slot"
+    assert torch.equal(v_buf[:, others], v_ref[:, others]), "v_buf changed outside the slot"
+
+
+# (num_valid, pos, slot): the first slot; a slot in the first split and in the last (300 slots, splits of 128);
+# a consumer layer (no slot)
+@pytest.mark.parametrize("num_valid, pos, slot", [(1, 0, 0), (37, 36, 36), (300, 500, 257), (300, 41, 5),
+                                                  (280, 9, None)], ids=str)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_rope_attention_decode_matches_ref(num_valid, pos, slot, dtype, device, seed):
+    check_rope_decode(5, 1, 8, 16, 300, num_valid, pos, slot, dtype, device)
+
+
+@pytest.mark.parametrize("split, block_n, merge_block", [(16, 16, 2), (32, 16, 4), (256, 64, 8)], ids=str)
+def test_decode_merges_many_splits_in_chunks(split, block_n, merge_block, device, seed, monkeypatch):
+    """Many splits (19 or 10 over 300 slots), some empty, merged a few at a time by the last split program of each KV
+    head to finish; splits of several key tiles; GQA 4:2, dq / 2 not a power of two."""
+    monkeypatch.setattr(attention, "DECODE_SPLIT", split)
+    monkeypatch.setattr(attention, "DECODE_BLOCK_N", block_n)
+    monkeypatch.setattr(attention, "DECODE_MERGE_BLOCK", merge_block)
+    check_rope_decode(4, 2, 12, 24, 300, 250, 77, 251, torch.float32, device)
+    check_decode(4, 2, 12, 24, 300, torch.tensor(131, device=device), torch.float32, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("capacity, num_valid, pos, slot", [(1152, 1152, 5000, 1151), (1152, 700, 699, 699),
+                                                            (8320, 1300, 1299, 1299), (8320, 129, 128, None)],
+                         ids=str)  # fmt: skip
+def test_rope_attention_decode_matches_ref_at_real_size(capacity, num_valid, pos, slot, device, seed):
+    """1.5B: 25 query heads over 5 KV heads, dq 64, dv 128; a sliding layer's 1152-slot ring, a global buffer."""
+    check_rope_decode(25, 5, 64, 128, capacity, num_valid, pos, slot, torch.bfloat16, device)
 
 
 @pytest.mark.parametrize("layer_idx", [1, 0], ids=["sliding", "global"])

@@ -19,12 +19,12 @@ FAMILIES = {
     "attention_decode": "attention",
     "rms_norm": "rms_norm",
     "rms_norm_average": "rms_norm",
-    "rope_decode": "rope",
     "gemv": "gemv",
     "norm_gemv": "gemv",
     "norm_average_gemv": "gemv",
     "mlp_gemv": "gemv",
     "swiglu": "swiglu",
+    "rope_attention_decode": "attention",
 }
 
 
@@ -49,12 +49,12 @@ def call_every_op(device) -> None:
     kernels.rms_norm(x, x[0], 1e-6)
     kernels.rms_norm_average(x, x, x[0], x[0], 1e-6)
     pos = torch.zeros(1, dtype=torch.int64, device=device)
-    kernels.rope_decode(x[0], pos, x, x, x, x[None], x[None], pos)
     kernels.gemv(x[0], x)
     kernels.norm_gemv(x[0], x[0], 1e-6, x)
     kernels.norm_average_gemv(x[0], x[0], x[0], x[0], 1e-6, x, None)
     kernels.mlp_gemv(x[0], x[0], 1e-6, x, x)
     kernels.swiglu(x, x, torch.float16)
+    kernels.rope_attention_decode(x[0], 2, pos, x, x, x[None], x[None], 1, pos)
 
 
 def test_cpu_tensors_get_the_twins_whatever_the_environment(monkeypatch):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.selective_scan import selective_scan, selective_scan_ref
+from kernels.selective_scan import LANES_D, WARPS, selective_scan, selective_scan_ref
 from kernels.ssm_update import ssm_update
 from tests.conftest import assert_close, nan_empty
+
+SEGMENTS = 32 // LANES_D * WARPS  # time segments per channel: the kernel's lanes and warps along time
 
 # the interpreter itself warns on loops with run-time bounds (numpy >= 1.25)
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -41,8 +43,12 @@ def check_scan(T: int, d: int, N: int, dtype: torch.dtype, device, rank: int = 5
     assert_close("ssm_state", inputs["ssm_state"], ref_inputs["ssm_state"], torch.float32)
 
 
-# 1: a single token; 37, 12: not multiples of CHUNK_T / BLOCK_D; N = 6: not a power of two
-@pytest.mark.parametrize("T, d, N", [(1, 8, 4), (37, 12, 6), (32, 8, 16)], ids=lambda v: str(v))
+# 1: a single token; 37, 12: not multiples of the segments or the channel lanes; N = 6: not a power of two;
+# 6 * SEGMENTS + 5: segments of several steps, the last one partial
+SIZES = [(1, 8, 4), (37, 12, 6), (32, 8, 16), (6 * SEGMENTS + 5, 12, 16)]
+
+
+@pytest.mark.parametrize("T, d, N", SIZES, ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("rank", [5, 100], ids=["unaligned", "aligned"])
 def test_selective_scan_matches_ref(T, d, N, dtype, rank, device, seed):
@@ -73,10 +79,11 @@ def check_valid(T: int, d: int, N: int, n: int, device) -> None:
         assert_close(f"{scan.__name__} ssm_state", padded["ssm_state"], head["ssm_state"], torch.float32)
 
 
-# n = 0: nothing valid; 7: inside the first chunk; 16: a chunk boundary; 37: a partial last chunk; 40 = T
-@pytest.mark.parametrize("n", [0, 7, 16, 37, 40])
+# n = 0: nothing valid; 7: fewer rows than segments; 2 * SEGMENTS: segment boundaries; 4 * SEGMENTS + 13: a partial last
+# segment; T
+@pytest.mark.parametrize("n", [0, 7, 2 * SEGMENTS, 4 * SEGMENTS + 13, 6 * SEGMENTS + 4])
 def test_selective_scan_valid_rows(n, device, seed):
-    check_valid(40, 12, 16, n, device)
+    check_valid(6 * SEGMENTS + 4, 12, 16, n, device)
 
 
 @pytest.mark.gpu
@@ -86,7 +93,7 @@ def test_selective_scan_valid_rows_at_real_size(device, seed):
 
 def test_prefill_scan_equals_decode_steps(device, seed):
     """Scanning T tokens leaves the same state, and gives the same outputs, as T one-token decode steps."""
-    T, d, N = 40, 12, 6  # two chunks of CHUNK_T, the second one partial
+    T, d, N = 2 * SEGMENTS + 9, 12, 6  # segments of a few rows, the last one partial
     inputs = make_scan_inputs(T, d, N, torch.float32, device)
     state = inputs["ssm_state"].clone()
     out = selective_scan(**inputs)
