@@ -16,6 +16,7 @@ import time
 import torch
 
 from kernels import attention
+from tools.sweep_gemv import replay_seconds
 
 H, HK, DQ, DV, M, W = 25, 5, 64, 128, 128, 1024
 
@@ -83,15 +84,7 @@ def time_graph(fn, inner: int, reps: int) -> list[float]:
             fn()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / inner)
-    return times
+    return [seconds * 1e6 / inner for seconds in replay_seconds(graph, reps)]
 
 
 def rel_err(out, ref) -> float:
