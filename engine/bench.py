@@ -195,7 +195,7 @@ _PREFILL_PARTS = {"_selective_scan": "scan", "_attention_prefill": "attention", 
                   "nvjet": "matmul"}  # fmt: skip
 
 
-def prefill_split(model: HymbaForCausalLM, state: DecodeState, served, num_tokens: int) -> dict:
+def prefill_split(model: HymbaForCausalLM, state: DecodeState, num_tokens: int) -> dict:
     """Where a prefill's device time goes: the profiler's kernel times of one prefill as served (a graph replays the
     same kernels, so this profiles them run eagerly: the same padded chunks), grouped into parts, with the ten
     costliest kernels and the number of kernels."""
@@ -204,15 +204,12 @@ def prefill_split(model: HymbaForCausalLM, state: DecodeState, served, num_token
     kernels.use_triton(True)
     device = state.ssm.device
     ids = torch.randint(3, model.config.vocab_size, (num_tokens,), device=device)
-    graphs, served.graphs = served.graphs, {}  # the same padded kernels, run eagerly
-    try:
-        served(ids)
+    padded = Prefill(model, state, cuda_graphs=False)  # the served chunks, without graphs
+    padded(ids)
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        padded(ids)
         sync(device)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            served(ids)
-            sync(device)
-    finally:
-        served.graphs = graphs
     parts = dict.fromkeys(["matmul", "scan", "attention", "conv", "norm", "other"], 0.0)
     rows, launches = [], 0
     for event in prof.key_averages():
@@ -466,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         "contexts": args.contexts, "decode_roofline_tokens_per_s": bandwidth / weight_bytes,
         "paths": {"triton": bench_path(model, state, args, True, graph, served)},
         "decode_split": [decode_split(model, state, graph, c, args.runs) for c in args.contexts],
-        "prefill_split": [prefill_split(model, state, served, n) for n in args.prompt_lengths],
+        "prefill_split": [prefill_split(model, state, n) for n in args.prompt_lengths],
         "kernels": [] if args.no_kernels else kernel_rows(device, dtype, bandwidth, matmul_rate),
     }  # fmt: skip
     if not args.no_twins:

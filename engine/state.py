@@ -3,7 +3,8 @@
 Per layer: conv state (d_inner, K-1) and SSM state (d_inner, N), both fp32. Per KV-producing layer a KV buffer
 (Hk, capacity, d) in the model dtype whose first num_meta slots hold the meta tokens' K/V; after them a global
 layer stores every later position in order, a sliding-window layer a ring of `window` slots. Consumer layers own
-nothing: they read their producer's buffer. All position -> slot arithmetic lives here.
+nothing: they read their producer's buffer. Position -> slot arithmetic: slots() (kernels/prefill_kv.py's ring_slots,
+whose prefill kernels apply the same rule on the device).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from engine.config import HymbaConfig
+from kernels.prefill_kv import ring_slots
 
 
 class DecodeState:
@@ -81,11 +83,7 @@ class DecodeState:
 
     def slots(self, layer_idx: int, positions: torch.Tensor) -> torch.Tensor:
         """Buffer slots of absolute positions: meta tokens and global layers in order, SWA tokens in a ring."""
-        window = self.window[layer_idx]
-        if window is None:
-            return positions
-        M = self.num_meta
-        return torch.where(positions < M, positions, M + (positions - M) % window)
+        return ring_slots(positions, self.num_meta, self.window[layer_idx])
 
     def num_valid(self, layer_idx: int, num_positions):
         """Filled slots once positions [0, num_positions) are written (an int, or a device tensor as is)."""

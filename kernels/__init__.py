@@ -80,12 +80,6 @@ def attention_prefill(
     return _attention.attention_prefill_ref(q, k, v, q_pos, k_pos, window, num_meta)
 
 
-def attention_decode(q: Tensor, k_buf: Tensor, v_buf: Tensor, num_valid: Tensor | int) -> Tensor:
-    if _on_triton(q):
-        return _attention.attention_decode(q, k_buf, v_buf, num_valid)
-    return _attention.attention_decode_ref(q, k_buf, v_buf, num_valid)
-
-
 def rope_attention_decode(
     qkv: Tensor, num_heads: int, pos: Tensor, cos: Tensor, sin: Tensor, k_buf: Tensor, v_buf: Tensor,
     num_valid: Tensor | int, slot: Tensor | None = None,
@@ -160,7 +154,6 @@ def mlp_gemv(x: Tensor, norm_weight: Tensor, eps: float, gate_weight: Tensor | N
 
 
 __all__ = [
-    "attention_decode",
     "attention_prefill",
     "causal_conv1d",
     "causal_conv1d_update",

@@ -456,9 +456,9 @@ def rope_attention_decode(
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """RoPE on one token's heads, then attention_decode, in one launch: the token's
-    num_heads query heads rotated at `pos`; with a slot, its key (rotated) and value stored there first, as a KV
-    producer layer does; then attention over the first num_valid slots, which must include `slot`.
+    """RoPE on one token's heads, then attention_decode, in one launch: the token's num_heads query heads rotated at
+    `pos`; with a slot, its key (rotated) and value stored there first, as a KV producer layer does; then attention
+    over the first num_valid slots, which must include `slot`.
 
     qkv: the in_proj row (H*dq + Hk*dq + Hk*dv + ...,) fp32, laid out q | k | v | ...     pos, slot: (1,) int64
     returns out: (H, dv) in the KV dtype (written into `out` if given)

@@ -12,8 +12,9 @@ Both read their sizes from host ints that are fixed for a chunk's start and leng
 tensor, so a CUDA graph captures them once per chunk shape. They replace some thirty small PyTorch ops per layer
 (RoPE as elementwise ops, casts, index gathers, concatenations, index copies).
 
-Slot arithmetic (the same as DecodeState.slots): position p < num_meta, or any position of a global layer, sits at
-slot p; a sliding layer's later positions sit in a ring, at num_meta + (p - num_meta) % window.
+Slot arithmetic (ring_slots, which DecodeState.slots calls; _slot in the kernels): position p < num_meta, or any
+position of a global layer, sits at slot p; a sliding layer's later positions sit in a ring, at
+num_meta + (p - num_meta) % window.
 RoPE is the GPT-NeoX "rotate half" form with fp32 tables, as in decode (kernels/attention.py).
 Triton kernels + launchers for CUDA (and TRITON_INTERPRET=1); rope_prefill_ref and store_kv_ref are the twins.
 """
@@ -232,7 +233,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
-def _slots(positions: torch.Tensor, num_meta: int, window: int | None) -> torch.Tensor:
+def ring_slots(positions: torch.Tensor, num_meta: int, window: int | None) -> torch.Tensor:
+    """The slot rule of the module docstring in PyTorch ops (DecodeState.slots is this; the kernels' _slot applies it
+    on the device)."""
     if window is None:
         return positions
     return torch.where(positions < num_meta, positions, num_meta + (positions - num_meta) % window)
@@ -250,7 +253,7 @@ def rope_prefill_ref(
     if keys is not None:
         device = proj.device
         positions = torch.cat([torch.arange(hist_meta), torch.arange(hist_lo, hist_lo + num_hist - hist_meta)])
-        slots = _slots(positions.to(device), num_meta, window)
+        slots = ring_slots(positions.to(device), num_meta, window)
         keys[:, :num_hist] = k_buf[:, slots]
         values[:, :num_hist] = v_buf[:, slots]
         k = apply_rope(proj[:, H * dq : (H + Hk) * dq].reshape(T, Hk, dq), cos, sin)  # post-RoPE keys (Q4)
@@ -267,6 +270,6 @@ def store_kv_ref(keys, values, k_buf, v_buf, start, num_meta, window, valid=None
     keep = t < n
     if window is not None:
         keep &= (start + t < num_meta) | (start + t >= start + n - window)
-    slots = _slots(start + t[keep], num_meta, window)
+    slots = ring_slots(start + t[keep], num_meta, window)
     k_buf[:, slots] = keys[:, keep].to(k_buf.dtype)
     v_buf[:, slots] = values[:, keep].to(v_buf.dtype)

@@ -20,9 +20,10 @@ from kernels._triton import HAS_TRITON, tl, triton
 # (summarised as s -> a * s + b), a scan across the segments turns the summaries into each segment's initial state,
 # and each lane scans its own segment with outputs. u, dt and z load a step of ROWS rows ahead (DRAM's latency), B and
 # C a row ahead, into registers; MAX_REGS = 128 keeps 4 programs (16 warps) per SM, all 400 resident at d = 3200.
-# H100, d = 3200, N = 16, fp32 u/dt/z (z strided), fp32 B and C as the engine passes them, CUDA-graph timed by
-# tools/time_scan.py, T = 2048 / 1024 / 256: 143 / 73 / 20 us, against 176 / 90 / 23 for the kernel before it (lanes
-# splitting each channel's states, shuffles per row; bf16 B and C: 160 / 79 / 22 with ROWS = 4, against 192 / 97 / 25).
+# H100, d = 3200, N = 16, fp32 u/dt/z (z strided), fp32 B and C as the engine passes them, timed in CUDA graphs (by a
+# script not kept: it held a copy of the kernel before), T = 2048 / 1024 / 256: 143 / 73 / 20 us, against 176 / 90 /
+# 23 for the kernel before it (lanes splitting each channel's states, shuffles per row; bf16 B and C: 160 / 79 / 22
+# with ROWS = 4, against 192 / 97 / 25).
 # Measured at T = 2048 (us): ROWS = 4: 170 (a few spills at 128 registers); ROWS = 4 uncapped (152 registers, 3
 # programs per SM, the last 4 a second wave): 276; B and C two rows ahead: 144; everything one row ahead: 181 (each
 # row waits on DRAM); with ROWS = 4, 16 channels x 2 segment lanes x 8 warps: 162, 2 warps (8 segments): 293, 16

@@ -16,7 +16,6 @@ FAMILIES = {
     "causal_conv1d": "causal_conv1d",
     "causal_conv1d_update": "causal_conv1d",
     "attention_prefill": "attention",
-    "attention_decode": "attention",
     "rms_norm": "rms_norm",
     "rms_norm_average": "rms_norm",
     "gemv": "gemv",
@@ -25,6 +24,8 @@ FAMILIES = {
     "mlp_gemv": "gemv",
     "swiglu": "swiglu",
     "rope_attention_decode": "attention",
+    "rope_prefill": "prefill_kv",
+    "store_kv": "prefill_kv",
 }
 
 
@@ -45,7 +46,6 @@ def call_every_op(device) -> None:
     kernels.causal_conv1d(x, x, None, x)
     kernels.causal_conv1d_update(x[0], x, None, x)
     kernels.attention_prefill(x[None], x[None], x[None], x[0], x[0], None, 0)
-    kernels.attention_decode(x, x[None], x[None], 1)
     kernels.rms_norm(x, x[0], 1e-6)
     kernels.rms_norm_average(x, x, x[0], x[0], 1e-6)
     pos = torch.zeros(1, dtype=torch.int64, device=device)
@@ -55,6 +55,8 @@ def call_every_op(device) -> None:
     kernels.mlp_gemv(x[0], x[0], 1e-6, x, x)
     kernels.swiglu(x, x, torch.float16)
     kernels.rope_attention_decode(x[0], 2, pos, x, x, x[None], x[None], 1, pos)
+    kernels.rope_prefill(x, x, x, x[None])
+    kernels.store_kv(x[None], x[None], x[None], x[None], 0, 0, None)
 
 
 def test_cpu_tensors_get_the_twins_whatever_the_environment(monkeypatch):
