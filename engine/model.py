@@ -142,9 +142,9 @@ class HybridMixer(nn.Module):
         Device work only (no host values that change per token), so a CUDA graph can capture it, as for
         decode_ssm. Returns (H * dv,) in the KV dtype."""
         k_buf, v_buf = state.k[self.producer], state.v[self.producer]
-        slot, num_valid = indices[self.producer]
-        slot = slot if self.is_producer else None  # writes the position `window` back's slot: decode sees W keys (7.2)
-        out = kernels.rope_attention_decode(proj, self.num_heads, state.pos, cos, sin, k_buf, v_buf, num_valid, slot)
+        slot, num_valid = indices[self.producer]  # a producer writes the position `window` back's slot (7.2)
+        out = kernels.rope_attention_decode(proj, self.num_heads, state.pos, cos, sin, k_buf, v_buf, num_valid, slot,
+                                            write_kv=self.is_producer)  # fmt: skip
         return out.view(-1)
 
     def decode_ssm(self, proj, state: DecodeState) -> torch.Tensor:

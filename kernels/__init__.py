@@ -82,10 +82,10 @@ def attention_prefill(
 
 def rope_attention_decode(
     qkv: Tensor, num_heads: int, pos: Tensor, cos: Tensor, sin: Tensor, k_buf: Tensor, v_buf: Tensor,
-    num_valid: Tensor | int, slot: Tensor | None = None,
+    num_valid: Tensor | int, slot: Tensor | None = None, *, write_kv: bool = True,
 ) -> Tensor:  # fmt: skip
     fn = _attention.rope_attention_decode if _on_triton(qkv) else _attention.rope_attention_decode_ref
-    return fn(qkv, num_heads, pos, cos, sin, k_buf, v_buf, num_valid, slot)
+    return fn(qkv, num_heads, pos, cos, sin, k_buf, v_buf, num_valid, slot, write_kv=write_kv)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, *, out: Tensor | None = None) -> Tensor:

@@ -29,8 +29,8 @@ PREFILL_CONFIG = (64, 64, 4, 3, 2)
 # tile: in the 1.5B decode graph on the H100 (1k context) 604 tokens/s, against 589 for two 64-key tiles, 588 for
 # 64-key splits and 583 for 256-key splits of 64-key tiles.
 DECODE_SPLIT = 128
-DECODE_BLOCK_N = 128
 DECODE_MERGE_BLOCK = 8
+DECODE_NUM_WARPS = 4  # with the tiles loaded before the wait: 623 tokens/s at 1k, against 615 for 8 and 511 for 2
 DECODE_USE_PDL = True  # with programmatic dependent launch where kernels/gemv.py launch_facts allows it
 
 # The prefill twin materialises (H, block, S) scores; this bounds their elements.
@@ -52,44 +52,6 @@ def _count_below_each(pos_ptr, n, x, SEARCH_BLOCK: tl.constexpr):
     in_gap = (num_coarse > 0)[:, None] & (fine < tl.minimum(num_coarse * stride, n)[:, None])
     below = in_gap & (tl.load(pos_ptr + fine, mask=in_gap, other=0) < x[:, None])
     return tl.where(num_coarse > 0, first + tl.sum(below.to(tl.int32), axis=1), 0)
-
-
-@triton.jit
-def _attend_tile(
-    acc, m_i, l_i, q, start_n, end_n, k_ptr, v_ptr, stride_k_s, stride_v_s, scale_log2,
-    q_pos, k_pos_ptr, num_meta, window,
-    HAS_POSITIONS: tl.constexpr, IS_SLIDING: tl.constexpr, DQ: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
-    """One online-softmax step over keys [start_n, min(start_n + BLOCK_N, end_n)) (flash attention). Without
-    positions every key in range is visible; with them, the spec 7.1 mask of q_pos against k_pos applies."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < end_n
-    offs_dq = tl.arange(0, BLOCK_DQ)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(k_ptr + offs_n[:, None] * stride_k_s + offs_dq[None, :],
-                mask=mask_n[:, None] & (offs_dq < DQ)[None, :], other=0.0)  # fmt: skip
-    v = tl.load(v_ptr + offs_n[:, None] * stride_v_s + offs_dv[None, :],
-                mask=mask_n[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
-    visible = mask_n[None, :]  # (1, BLOCK_N), broadcast against the query rows
-    if HAS_POSITIONS:
-        k_pos = tl.load(k_pos_ptr + offs_n, mask=mask_n, other=0)
-        visible = visible & (k_pos[None, :] <= q_pos[:, None])  # (BLOCK_M, BLOCK_N)
-        if IS_SLIDING:  # spec 7.1: meta tokens always, else at most `window` back
-            visible &= (k_pos[None, :] < num_meta) | (q_pos[:, None] - k_pos[None, :] <= window)
-
-    scores = tl.dot(q, tl.trans(k), input_precision="ieee") if IEEE else tl.dot(q, tl.trans(k))
-    scores = tl.where(visible, scores * scale_log2, float("-inf"))  # log2 units
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at zero weight
-    p = tl.exp2(scores - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
 
 
 @triton.jit
@@ -223,14 +185,12 @@ def _attention_prefill_kernel(
 
 
 @triton.jit
-def _rope_rows(row_ptr, offs_d, mask, cos_ptr, sin_ptr, HALF: tl.constexpr):
-    """RoPE of head rows at row_ptr + offs_d (offs_d: the head dim, on the last axis) with the table rows cos_ptr and
-    sin_ptr, in fp32: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x[HALF:], x[:HALF]] (spec 5)."""
+def _rope_rows(row_ptr, offs_d, mask, cos, sin, HALF: tl.constexpr):
+    """RoPE of head rows at row_ptr + offs_d (offs_d: the head dim, on the last axis) with the position's table rows
+    cos and sin (loaded, fp32): x * cos + rotate_half(x) * sin, rotate_half(x) = [-x[HALF:], x[:HALF]] (spec 5)."""
     is_lo = offs_d < HALF
     x = tl.load(row_ptr + offs_d, mask=mask, other=0.0).to(tl.float32)
     partner = tl.load(row_ptr + tl.where(is_lo, offs_d + HALF, offs_d - HALF), mask=mask, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + offs_d, mask=offs_d < 2 * HALF, other=0.0)
-    sin = tl.load(sin_ptr + offs_d, mask=offs_d < 2 * HALF, other=0.0)
     return x * cos + tl.where(is_lo, -partner, partner) * sin
 
 
@@ -277,56 +237,84 @@ def _attention_decode_kernel(
     num_valid, num_splits, scale_log2,  # sizes
     stride_table, stride_k_h, stride_k_s, stride_v_h, stride_v_s,  # strides, in elements (q and out: contiguous)
     H: tl.constexpr, HK: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, DV: tl.constexpr,  # meta
-    ROPE: tl.constexpr, WRITE_KV: tl.constexpr, NUM_VALID_IN_MEMORY: tl.constexpr,
+    ROPE: tl.constexpr, HAS_SLOT: tl.constexpr, WRITE_KV: tl.constexpr, NUM_VALID_IN_MEMORY: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_GM: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    """Program (i_kv, i_s): KV head i_kv's query group over keys [i_s*SPLIT, (i_s+1)*SPLIT) of the valid ones; the
-    last of the head's programs to finish merges their partial softmaxes. ROPE: the queries come unrotated in the
-    in_proj row (q | k | v) and are rotated here; WRITE_KV: the program whose split holds `slot` first stores the
-    token's rotated key and value there (no other program reads that slot)."""
+    """Program (i_kv, i_s): KV head i_kv's query group over the valid keys among slots [i_s*SPLIT, (i_s+1)*SPLIT),
+    one tile; the last of the head's programs to finish merges their partial softmaxes. ROPE: the queries come
+    unrotated in the in_proj row (q | k | v) and are rotated here. HAS_SLOT: `slot` holds this step's key and value:
+    WRITE_KV (a producer layer), the program whose split holds it stores them there from the row; else (a consumer)
+    an earlier kernel of this step wrote them.
+
+    With PDL, everything but this step's activations is loaded before the wait, while in_proj still runs: the
+    position, its RoPE rows, the slot, the count of valid slots (all from the step's first kernels, done before any
+    PDL kernel of the step starts) and the key and value tile, written by earlier steps except at `slot`, which is
+    read (or taken from the row) after the wait."""
     i_kv, i_s = tl.program_id(0), tl.program_id(1)
     offs_g = tl.arange(0, BLOCK_G)
     offs_dq = tl.arange(0, BLOCK_DQ)
     offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = i_s * SPLIT + tl.arange(0, SPLIT)
     heads = i_kv * GROUP + offs_g  # the query heads of this KV head
     mask_g = offs_g < GROUP
-    mask_q = mask_g[:, None] & (offs_dq < DQ)[None, :]
+    mask_dq = offs_dq < DQ
+    mask_dv = offs_dv < DV
+    mask_q = mask_g[:, None] & mask_dq[None, :]
     k_head = k_ptr + i_kv * stride_k_h
     v_head = v_ptr + i_kv * stride_v_h
-    if USE_PDL:  # nothing before this reads or writes memory
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+
+    # --- before the wait: nothing this step's kernels write before this one ---
     if NUM_VALID_IN_MEMORY:
         num_valid = tl.load(num_valid_ptr).to(tl.int32)
+    mask_n = offs_n < num_valid
+    fresh = offs_n < 0  # the slot of this step's key, if in this split
+    if HAS_SLOT:
+        slot = tl.load(slot_ptr)
+        fresh = offs_n == slot
+    old = mask_n & ~fresh
+    k = tl.load(k_head + offs_n[:, None] * stride_k_s + offs_dq[None, :], mask=old[:, None] & mask_dq[None, :],
+                other=0.0)  # fmt: skip
+    v = tl.load(v_head + offs_n[:, None] * stride_v_s + offs_dv[None, :], mask=old[:, None] & mask_dv[None, :],
+                other=0.0)  # fmt: skip
     if ROPE:
         pos = tl.load(pos_ptr)
-        cos_row, sin_row = cos_ptr + pos * stride_table, sin_ptr + pos * stride_table
-        q = _rope_rows(q_ptr + heads[:, None] * DQ, offs_dq[None, :], mask_q, cos_row, sin_row, DQ // 2)
+        cos = tl.load(cos_ptr + pos * stride_table + offs_dq, mask=mask_dq, other=0.0)
+        sin = tl.load(sin_ptr + pos * stride_table + offs_dq, mask=mask_dq, other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+    # --- after: this step's activations ---
+    if ROPE:
+        q = _rope_rows(q_ptr + heads[:, None] * DQ, offs_dq[None, :], mask_q, cos[None, :], sin[None, :], DQ // 2)
         q = q.to(k_ptr.dtype.element_ty)  # rounded to the KV dtype, as the twin's q
-        if WRITE_KV:
-            slot = tl.load(slot_ptr)
-            if slot // SPLIT == i_s:
-                k = _rope_rows(q_ptr + (H + i_kv) * DQ, offs_dq, offs_dq < DQ, cos_row, sin_row, DQ // 2)
-                tl.store(k_head + slot * stride_k_s + offs_dq, k.to(k_ptr.dtype.element_ty), mask=offs_dq < DQ)
-                v = tl.load(q_ptr + (H + HK) * DQ + i_kv * DV + offs_dv, mask=offs_dv < DV)
-                tl.store(v_head + slot * stride_v_s + offs_dv, v.to(v_ptr.dtype.element_ty), mask=offs_dv < DV)
-            tl.debug_barrier()  # the new key and value are written before any thread of the program reads them
     else:
         q = tl.load(q_ptr + heads[:, None] * DQ + offs_dq[None, :], mask=mask_q, other=0.0)
-    acc = tl.zeros((BLOCK_G, BLOCK_DV), dtype=tl.float32)
-    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
-    end = tl.minimum((i_s + 1) * SPLIT, num_valid)
-    for start_n in range(i_s * SPLIT, end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, start_n, end, k_head, v_head, stride_k_s, stride_v_s, scale_log2, None, None, 0, 0,
-            False, False, DQ, DV, BLOCK_DQ, BLOCK_DV, BLOCK_N, IEEE,
-        )  # fmt: skip
+    if HAS_SLOT:
+        owner = slot // SPLIT == i_s
+        if WRITE_KV:
+            k_new = _rope_rows(q_ptr + (H + i_kv) * DQ, offs_dq, mask_dq & owner, cos, sin, DQ // 2).to(k.dtype)
+            v_new = tl.load(q_ptr + (H + HK) * DQ + i_kv * DV + offs_dv, mask=mask_dv & owner).to(v.dtype)
+            tl.store(k_head + slot * stride_k_s + offs_dq, k_new, mask=mask_dq & owner)
+            tl.store(v_head + slot * stride_v_s + offs_dv, v_new, mask=mask_dv & owner)
+        else:
+            k_new = tl.load(k_head + slot * stride_k_s + offs_dq, mask=mask_dq & owner, other=0.0)
+            v_new = tl.load(v_head + slot * stride_v_s + offs_dv, mask=mask_dv & owner, other=0.0)
+        k = tl.where(fresh[:, None], k_new[None, :], k)
+        v = tl.where(fresh[:, None], v_new[None, :], v)
+
+    scores = tl.dot(q, tl.trans(k), input_precision="ieee") if IEEE else tl.dot(q, tl.trans(k))
+    scores = tl.where(mask_n[None, :], scores * scale_log2, float("-inf"))  # log2 units
+    m_i = tl.max(scores, axis=1)
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)  # an empty split: zero weight
+    p = tl.exp2(scores - m_safe[:, None])
+    l_i = tl.sum(p, axis=1)
+    acc = tl.dot(p, v.to(tl.float32), input_precision="ieee") if IEEE else tl.dot(p.to(v.dtype), v)
     part = heads * num_splits + i_s
     tl.store(m_part_ptr + part, m_i, mask=mask_g)
     tl.store(l_part_ptr + part, l_i, mask=mask_g)
-    tl.store(acc_part_ptr + part[:, None] * DV + offs_dv[None, :], acc, mask=mask_g[:, None] & (offs_dv < DV)[None, :])
+    tl.store(acc_part_ptr + part[:, None] * DV + offs_dv[None, :], acc, mask=mask_g[:, None] & mask_dv[None, :])
     tl.debug_barrier()  # every thread's partials are stored before the arrival is counted
     arrived = tl.atomic_add(count_ptr + i_kv, 1)  # acq_rel, GPU scope: the earlier arrivals' partials are visible
     if arrived == num_splits - 1:  # the last of this head's splits: merge them all, in split order
@@ -392,7 +380,7 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     return counters
 
 
-def _decode_launch(q, qkv, pos, cos, sin, k_buf, v_buf, slot, num_valid, out):
+def _decode_launch(q, qkv, pos, cos, sin, k_buf, v_buf, slot, write_kv, num_valid, out):
     """attention_decode (q given) or rope_attention_decode (qkv given): one launch of _attention_decode_kernel."""
     Hk, capacity, dv = v_buf.shape
     dq = k_buf.shape[2]
@@ -414,11 +402,12 @@ def _decode_launch(q, qkv, pos, cos, sin, k_buf, v_buf, slot, num_valid, out):
         m_part, l_part, acc_part, _arrival_counters(out.device, Hk), out,
         0 if in_memory else num_valid, num_splits, LOG2_E / math.sqrt(dq),
         cos.stride(0) if rope else 0, k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-        H=H, HK=Hk, GROUP=H // Hk, DQ=dq, DV=dv, ROPE=rope, WRITE_KV=slot is not None, NUM_VALID_IN_MEMORY=in_memory,
+        H=H, HK=Hk, GROUP=H // Hk, DQ=dq, DV=dv, ROPE=rope, HAS_SLOT=slot is not None,
+        WRITE_KV=slot is not None and write_kv, NUM_VALID_IN_MEMORY=in_memory,
         BLOCK_G=_dot_width(H // Hk), BLOCK_GM=triton.next_power_of_2(H // Hk), BLOCK_DQ=_dot_width(dq),
-        BLOCK_DV=_dot_width(dv), BLOCK_N=DECODE_BLOCK_N,
-        SPLIT=DECODE_SPLIT, BLOCK_S=min(DECODE_MERGE_BLOCK, triton.next_power_of_2(num_splits)),
-        IEEE=k_buf.dtype == torch.float32, USE_PDL=use_pdl, launch_pdl=use_pdl,
+        BLOCK_DV=_dot_width(dv), SPLIT=DECODE_SPLIT,
+        BLOCK_S=min(DECODE_MERGE_BLOCK, triton.next_power_of_2(num_splits)),
+        IEEE=k_buf.dtype == torch.float32, USE_PDL=use_pdl, num_warps=DECODE_NUM_WARPS, launch_pdl=use_pdl,
     )  # fmt: skip
     return out
 
@@ -440,7 +429,7 @@ def attention_decode(
     H, dq = q.shape
     assert q.is_contiguous() and k_buf.shape[2] == dq, f"q {tuple(q.shape)}, k_buf {tuple(k_buf.shape)}"
     out = torch.empty(H, v_buf.shape[2], dtype=q.dtype, device=q.device) if out is None else out
-    return _decode_launch(q, None, None, None, None, k_buf, v_buf, None, num_valid, out)
+    return _decode_launch(q, None, None, None, None, k_buf, v_buf, None, False, num_valid, out)
 
 
 def rope_attention_decode(
@@ -454,11 +443,13 @@ def rope_attention_decode(
     num_valid: torch.Tensor | int,
     slot: torch.Tensor | None = None,
     *,
+    write_kv: bool = True,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RoPE on one token's heads, then attention_decode, in one launch: the token's num_heads query heads rotated at
-    `pos`; with a slot, its key (rotated) and value stored there first, as a KV producer layer does; then attention
-    over the first num_valid slots, which must include `slot`.
+    `pos`; then attention over the first num_valid slots. `slot` (one of them) is this step's: with write_kv (a KV
+    producer layer) the token's key (rotated) and value are stored there first; without (a consumer) an earlier
+    kernel of this step stored them. With no slot, no kernel of this step writes the buffer before this one.
 
     qkv: the in_proj row (H*dq + Hk*dq + Hk*dv + ...,) fp32, laid out q | k | v | ...     pos, slot: (1,) int64
     returns out: (H, dv) in the KV dtype (written into `out` if given)
@@ -470,7 +461,7 @@ def rope_attention_decode(
     assert slot is None or (slot.numel() == 1 and slot.dtype == torch.int64), "slot: one int64 on the device"
     assert qkv.numel() >= num_heads * dq + (0 if slot is None else Hk * (dq + dv)), f"qkv {tuple(qkv.shape)} too short"
     out = torch.empty(num_heads, dv, dtype=k_buf.dtype, device=qkv.device) if out is None else out
-    return _decode_launch(None, qkv, pos, cos, sin, k_buf, v_buf, slot, num_valid, out)
+    return _decode_launch(None, qkv, pos, cos, sin, k_buf, v_buf, slot, write_kv, num_valid, out)
 
 
 def attention_prefill_ref(
@@ -555,9 +546,10 @@ def rope_attention_decode_ref(
     num_valid: torch.Tensor | int,
     slot: torch.Tensor | None = None,
     *,
+    write_kv: bool = True,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as rope_attention_decode: the two twins one after the other."""
     q = torch.empty(num_heads, k_buf.shape[2], dtype=k_buf.dtype, device=qkv.device)
-    _rope_decode_ref(qkv, pos, cos, sin, q, k_buf, v_buf, slot)
+    _rope_decode_ref(qkv, pos, cos, sin, q, k_buf, v_buf, slot if write_kv else None)
     return attention_decode_ref(q, k_buf, v_buf, num_valid, out=out)

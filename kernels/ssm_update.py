@@ -7,8 +7,8 @@
 At batch 1 each of these is a tiny op, so one launch does them all (issue 5): every program recomputes the three
 small norms (R + 2N floats) and owns BLOCK_D channels' rows of dt_proj and of the state. Roundings as in
 engine/model.py: norms in fp32, the dt operand rounded once to dt_proj's dtype, fp32 accumulation and state.
-With programmatic dependent launch (CUDA, kernels/gemv.py launch_facts) a program loads its dt_proj rows and A, which
-no kernel writes, then waits for the kernels before it.
+With programmatic dependent launch (CUDA, kernels/gemv.py launch_facts) a program loads its weights and its state
+rows, which no kernel of the step writes before it, then waits for the kernels before it.
 Triton kernel + launcher ssm_update for CUDA (and TRITON_INTERPRET=1); ssm_update_ref is the PyTorch twin.
 """
 
@@ -36,11 +36,11 @@ def softplus(y):
 
 
 @triton.jit
-def _load_normed(ptr, norm_w_ptr, offs, n, eps, HAS_NORM: tl.constexpr):
+def _load_normed(ptr, norm_w, offs, n, eps, HAS_NORM: tl.constexpr):
+    """The vector at ptr (n long), RMS-normalised with the loaded weights norm_w if HAS_NORM."""
     v = tl.load(ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
     if HAS_NORM:
-        w = tl.load(norm_w_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-        v = v * tl.rsqrt(tl.sum(v * v, axis=0) / n + eps) * w
+        v = v * tl.rsqrt(tl.sum(v * v, axis=0) / n + eps) * norm_w
     return v
 
 
@@ -58,28 +58,37 @@ def _ssm_update_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_d = offs_d < d_inner
     mask_dn = mask_d[:, None] & (offs_n[None, :] < d_state)
+    # before the wait, everything no kernel of this step writes before this one: the weights, and the state, last
+    # written by this layer's update in an earlier step
     dt_w = tl.load(dt_w_ptr + offs_d[:, None] * stride_dt_w + offs_r[None, :],
                    mask=mask_d[:, None] & (offs_r < dt_rank)[None, :], other=0.0)  # fmt: skip
     A = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :], mask=mask_dn, other=0.0)  # (BLOCK_D, BLOCK_N)
-    if USE_PDL:  # only the weights above were read before this
+    dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0)
+    D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
+    p_state = state_ptr + offs_d[:, None] * stride_state_d + offs_n[None, :]
+    state = tl.load(p_state, mask=mask_dn, other=0.0)
+    if HAS_NORMS:
+        dt_norm = tl.load(dt_norm_ptr + offs_r, mask=offs_r < dt_rank, other=0.0).to(tl.float32)
+        B_norm = tl.load(B_norm_ptr + offs_n, mask=offs_n < d_state, other=0.0).to(tl.float32)
+        C_norm = tl.load(C_norm_ptr + offs_n, mask=offs_n < d_state, other=0.0).to(tl.float32)
+    else:
+        dt_norm, B_norm, C_norm = 1.0, 1.0, 1.0
+    if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
 
-    dt_low = _load_normed(dbc_ptr, dt_norm_ptr, offs_r, dt_rank, eps, HAS_NORMS)  # (BLOCK_R,)
-    B = _load_normed(dbc_ptr + dt_rank, B_norm_ptr, offs_n, d_state, eps, HAS_NORMS)  # (BLOCK_N,)
-    C = _load_normed(dbc_ptr + dt_rank + d_state, C_norm_ptr, offs_n, d_state, eps, HAS_NORMS)
+    dt_low = _load_normed(dbc_ptr, dt_norm, offs_r, dt_rank, eps, HAS_NORMS)  # (BLOCK_R,)
+    B = _load_normed(dbc_ptr + dt_rank, B_norm, offs_n, d_state, eps, HAS_NORMS)  # (BLOCK_N,)
+    C = _load_normed(dbc_ptr + dt_rank + d_state, C_norm, offs_n, d_state, eps, HAS_NORMS)
     dt_low = dt_low.to(dt_w_ptr.dtype.element_ty).to(tl.float32)  # the operand rounding of dt_proj
     dt = tl.sum(dt_w.to(tl.float32) * dt_low[None, :], axis=1)  # (BLOCK_D,) fp32
-    delta = softplus(dt + tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0))  # bias added in fp32 (Q8)
+    delta = softplus(dt + dt_bias)  # bias added in fp32 (Q8)
 
     x = tl.load(x_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
     z = tl.load(z_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    p_state = state_ptr + offs_d[:, None] * stride_state_d + offs_n[None, :]
-    state = tl.load(p_state, mask=mask_dn, other=0.0)
-
     state = tl.exp(delta[:, None] * A) * state + (delta * x)[:, None] * B[None, :]
     tl.store(p_state, state, mask=mask_dn)
-    y = tl.sum(state * C[None, :], axis=1) + tl.load(D_ptr + offs_d, mask=mask_d, other=0.0) * x
+    y = tl.sum(state * C[None, :], axis=1) + D * x
     out = y * z * tl.sigmoid(z)
     tl.store(out_ptr + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 

@@ -127,21 +127,22 @@ def test_attention_decode_matches_ref_at_real_size(capacity, num_valid, device, 
     check_decode(25, 5, 64, 128, capacity, torch.tensor(num_valid, device=device), torch.bfloat16, device)
 
 
-def check_rope_decode(H, Hk, dq, dv, capacity, num_valid, pos, slot, dtype, device) -> None:
+def check_rope_decode(H, Hk, dq, dv, capacity, num_valid, pos, slot, dtype, device, write_kv=True) -> None:
     """rope_attention_decode against rope_decode_ref + attention_decode_ref: the output, and with a slot (a KV producer)
-    the buffers, whose slot starts as NaN (a missed write stays NaN) and whose other slots must not change."""
+    the buffers, whose slot starts as NaN (a missed write stays NaN) and whose other slots must not change. A consumer
+    (write_kv False) gets a slot holding this step's key already: the kernel reads it after its wait."""
     qkv = torch.randn(H * dq + Hk * (dq + dv) + 2 * 24, device=device)  # q | k | v | x | z, fp32
     cos, sin = torch.rand(pos + 3, dq, device=device) * 2 - 1, torch.rand(pos + 3, dq, device=device) * 2 - 1
     k_buf = torch.randn(Hk, capacity, dq, device=device).to(dtype)
     v_buf = torch.randn(Hk, capacity, dv, device=device).to(dtype)
-    if slot is not None:
+    if slot is not None and write_kv:
         k_buf[:, slot], v_buf[:, slot] = float("nan"), float("nan")
     k_ref, v_ref = k_buf.clone(), v_buf.clone()
     pos_t, n = torch.tensor([pos], device=device), torch.tensor(num_valid, device=device)
     slot_t = None if slot is None else torch.tensor([slot], device=device)
-    out = rope_attention_decode(qkv, H, pos_t, cos, sin, k_buf, v_buf, n, slot_t,
+    out = rope_attention_decode(qkv, H, pos_t, cos, sin, k_buf, v_buf, n, slot_t, write_kv=write_kv,
                                 out=nan_empty(H, dv, dtype=dtype, device=device))  # fmt: skip
-    expected = rope_attention_decode_ref(qkv, H, pos_t, cos, sin, k_ref, v_ref, n, slot_t)
+    expected = rope_attention_decode_ref(qkv, H, pos_t, cos, sin, k_ref, v_ref, n, slot_t, write_kv=write_kv)
     assert_close("out", out, expected, dtype)
     if slot is not None:
         assert_close("k at the slot", k_buf[:, slot], k_ref[:, slot], dtype)
@@ -151,33 +152,35 @@ def check_rope_decode(H, Hk, dq, dv, capacity, num_valid, pos, slot, dtype, devi
     assert torch.equal(v_buf[:, others], v_ref[:, others]), "v_buf changed outside the slot"
 
 
-# (num_valid, pos, slot): the first slot; a slot in the first split and in the last (300 slots, splits of 128);
-# a consumer layer (no slot)
-@pytest.mark.parametrize("num_valid, pos, slot", [(1, 0, 0), (37, 36, 36), (300, 500, 257), (300, 41, 5),
-                                                  (280, 9, None)], ids=str)  # fmt: skip
+# (num_valid, pos, slot, write_kv): the first slot; a slot in the first split and in the last (300 slots, splits of
+# 128); a consumer layer (its producer wrote the slot), in the first split and the last; no slot
+@pytest.mark.parametrize("num_valid, pos, slot, write_kv", [(1, 0, 0, True), (37, 36, 36, True),
+                                                            (300, 500, 257, True), (300, 41, 5, True),
+                                                            (300, 41, 5, False), (290, 600, 289, False),
+                                                            (280, 9, None, False)], ids=str)  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_rope_attention_decode_matches_ref(num_valid, pos, slot, dtype, device, seed):
-    check_rope_decode(5, 1, 8, 16, 300, num_valid, pos, slot, dtype, device)
+def test_rope_attention_decode_matches_ref(num_valid, pos, slot, write_kv, dtype, device, seed):
+    check_rope_decode(5, 1, 8, 16, 300, num_valid, pos, slot, dtype, device, write_kv)
 
 
-@pytest.mark.parametrize("split, block_n, merge_block", [(16, 16, 2), (32, 16, 4), (256, 64, 8)], ids=str)
-def test_decode_merges_many_splits_in_chunks(split, block_n, merge_block, device, seed, monkeypatch):
+@pytest.mark.parametrize("split, merge_block", [(16, 2), (32, 4), (256, 8)], ids=str)
+def test_decode_merges_many_splits_in_chunks(split, merge_block, device, seed, monkeypatch):
     """Many splits (19 or 10 over 300 slots), some empty, merged a few at a time by the last split program of each KV
-    head to finish; splits of several key tiles; GQA 4:2, dq / 2 not a power of two."""
+    head to finish; GQA 4:2, dq / 2 not a power of two."""
     monkeypatch.setattr(attention, "DECODE_SPLIT", split)
-    monkeypatch.setattr(attention, "DECODE_BLOCK_N", block_n)
     monkeypatch.setattr(attention, "DECODE_MERGE_BLOCK", merge_block)
     check_rope_decode(4, 2, 12, 24, 300, 250, 77, 251, torch.float32, device)
+    check_rope_decode(4, 2, 12, 24, 300, 250, 77, 251, torch.float32, device, write_kv=False)
     check_decode(4, 2, 12, 24, 300, torch.tensor(131, device=device), torch.float32, device)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("capacity, num_valid, pos, slot", [(1152, 1152, 5000, 1151), (1152, 700, 699, 699),
-                                                            (8320, 1300, 1299, 1299), (8320, 129, 128, None)],
-                         ids=str)  # fmt: skip
-def test_rope_attention_decode_matches_ref_at_real_size(capacity, num_valid, pos, slot, device, seed):
+@pytest.mark.parametrize("capacity, num_valid, pos, slot, write_kv", [
+    (1152, 1152, 5000, 1151, True), (1152, 700, 699, 699, True), (1152, 1152, 5000, 300, False),
+    (8320, 1300, 1299, 1299, True), (8320, 129, 128, None, False)], ids=str)  # fmt: skip
+def test_rope_attention_decode_matches_ref_at_real_size(capacity, num_valid, pos, slot, write_kv, device, seed):
     """1.5B: 25 query heads over 5 KV heads, dq 64, dv 128; a sliding layer's 1152-slot ring, a global buffer."""
-    check_rope_decode(25, 5, 64, 128, capacity, num_valid, pos, slot, torch.bfloat16, device)
+    check_rope_decode(25, 5, 64, 128, capacity, num_valid, pos, slot, torch.bfloat16, device, write_kv)
 
 
 @pytest.mark.parametrize("layer_idx", [1, 0], ids=["sliding", "global"])
