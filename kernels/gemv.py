@@ -28,7 +28,9 @@ for the previous grid to finish with its writes visible. Nothing is read from x 
 may be the residual the previous kernel read). Kernels launched without PDL after one of these wait as usual.
 The decode chain's small kernels (kernels/attention.py's decode, causal_conv1d_update, ssm_update) follow the same
 rule, with launch_facts deciding PDL: every PDL kernel waits before it reads or writes activations, so each wait
-also covers every kernel before the previous one.
+also covers every kernel before the previous one. Before its wait a kernel reads only what no kernel of the same
+step writes ahead of it: weights, and (the attention and SSM updates) the step's indices and the KV slots and SSM
+state rows earlier steps wrote.
 Launchers gemv / norm_gemv / norm_average_gemv / mlp_gemv for CUDA (and TRITON_INTERPRET=1); *_ref twins.
 """
 
