@@ -310,7 +310,7 @@ def _attention_decode_kernel(
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)  # an empty split: zero weight
     p = tl.exp2(scores - m_safe[:, None])
     l_i = tl.sum(p, axis=1)
-    acc = tl.dot(p, v.to(tl.float32), input_precision="ieee") if IEEE else tl.dot(p.to(v.dtype), v)
+    acc = tl.dot(p, v, input_precision="ieee") if IEEE else tl.dot(p.to(v.dtype), v)  # IEEE: fp32 buffers
     part = heads * num_splits + i_s
     tl.store(m_part_ptr + part, m_i, mask=mask_g)
     tl.store(l_part_ptr + part, l_i, mask=mask_g)
