@@ -15,6 +15,7 @@ python -m loadtest --url http://127.0.0.1:8000 --model h15 --concurrency 1 --req
     --max-tokens 512 --out "$OUT/lt-stream512" > "$OUT/lt-stream512.txt" 2>&1
 python -m loadtest --url http://127.0.0.1:8000 --model h15 --concurrency 1,2,4,8,16 --requests "${SWEEP_REQUESTS:-16}" \
     --prompt-tokens 256 --max-tokens 128 --out "$OUT/lt-sweep" > "$OUT/lt-sweep.txt" 2>&1
+curl -s 127.0.0.1:8000/metrics > "$OUT/metrics.txt"  # the server's own TTFT and TPOT beside the client's
 kill %1
 wait
 tar -C "$OUT" -czf "$OUT/loadtest.tgz" lt-stream512 lt-sweep && rm -r "$OUT/lt-stream512" "$OUT/lt-sweep"
