@@ -87,6 +87,13 @@ def launch_config(N: int, K: int, two_weights: bool = False) -> tuple[int, int, 
     return CONFIG_VOCAB if N >= 16384 else CONFIG_WIDE
 
 
+def grid_size(N: int, block_n: int, programs_per_sm: int, num_sms: int) -> int:
+    """Programs of a launch: each owns the same number of row blocks, give or take one (no partial last wave)."""
+    num_blocks = triton.cdiv(N, block_n)
+    blocks_per_program = triton.cdiv(num_blocks, num_sms * programs_per_sm)
+    return triton.cdiv(num_blocks, blocks_per_program)
+
+
 @triton.jit
 def _load_tile(w_ptr, rows, N, stride_w, offs_k, mask_k):
     mask = (rows < N)[:, None] & mask_k[None, :]
@@ -153,9 +160,7 @@ def _launch(
     assert K <= MAX_K, f"gemv holds a whole row of K = {K} in registers; at most {MAX_K}"
     block_n, programs_per_sm, num_warps = config or launch_config(N, K, w2 is not None)
     num_sms, use_pdl = launch_facts(x)
-    num_blocks = triton.cdiv(N, block_n)
-    blocks_per_program = triton.cdiv(num_blocks, num_sms * programs_per_sm)
-    _gemv_kernel[(triton.cdiv(num_blocks, blocks_per_program),)](  # each owns blocks_per_program or one fewer
+    _gemv_kernel[(grid_size(N, block_n, programs_per_sm, num_sms),)](
         x, x if x2 is None else x2, x if nw is None else nw, x if nw2 is None else nw2,
         weight, weight if w2 is None else w2, x if bias is None else bias, x if residual is None else residual, out,
         N, K, eps, weight.stride(0), weight.stride(0) if w2 is None else w2.stride(0),
