@@ -133,13 +133,10 @@ class Engine:
         device, n = self.state.ssm.device, len(prompt)
         if device.type == "cuda":  # this thread's current device: graph replay and events use its stream
             torch.cuda.set_device(device)
+        # Everything the first token needs but the logits is made before the prefill is queued: its host-to-device
+        # copies (the prompt, the stop ids, the logit bias) each wait for the stream, and behind a queued prefill
+        # that wait would keep the host from queueing the first token's sampling until the prefill is done.
         ids = torch.tensor(prompt, dtype=torch.int64, device=device)
-        logits = self.prefill(ids, all_logits=params.prompt_logprobs is not None)
-        prompt_logprobs = None
-        if params.prompt_logprobs is not None:
-            prompt_logprobs = sampling.prompt_logprobs(logits, prompt, params.prompt_logprobs)
-            logits = logits[-1]
-
         penalties = sampling.PenaltyState(ids, self.config.vocab_size, params.logit_bias)
         generator = sampling.make_generator(params.seed, device)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
@@ -149,6 +146,12 @@ class Engine:
             stop_strings = (*stop_strings, self.tokenizer.eos_token)
         matcher = StopMatcher(stop_strings)
         detokenizer = self.tokenizer.detokenizer(prompt)
+
+        logits = self.prefill(ids, all_logits=params.prompt_logprobs is not None)
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None:
+            prompt_logprobs = sampling.prompt_logprobs(logits, prompt, params.prompt_logprobs)
+            logits = logits[-1]
 
         num_generated = 0
         while True:

@@ -30,7 +30,7 @@ from server.serving import ServerContext
 log = logging.getLogger("hymba.routes")
 
 
-def get_ctx(request: Request) -> ServerContext:
+async def get_ctx(request: Request) -> ServerContext:  # async: no thread-pool hop (server/app.py's dependencies)
     return request.app.state.ctx
 
 
