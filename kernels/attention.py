@@ -16,6 +16,7 @@ import torch
 
 from kernels._triton import tl, triton
 from kernels.gemv import launch_facts
+from kernels.prefill_kv import apply_rope
 
 LOG2_E = 1.4426950408889634
 
@@ -520,11 +521,10 @@ def _rope_decode_ref(qkv, pos, cos, sin, q_out, k_buf=None, v_buf=None, slot=Non
     """The token's query heads rotated at `pos` into q_out; with a slot, its key (rotated) and value stored there.
     RoPE is the GPT-NeoX "rotate half" form with fp32 tables (spec 5). PyTorch ops on device tensors, no host sync."""
     H, dq = q_out.shape
-    half = dq // 2
-    c, s = cos.index_select(0, pos.view(1)), sin.index_select(0, pos.view(1))  # (1, dq)
+    c, s = cos.index_select(0, pos.view(1)), sin.index_select(0, pos.view(1))  # (1, dq): one position
 
-    def rotate(x):  # (heads, dq) fp32
-        return x * c + torch.cat([-x[:, half:], x[:, :half]], dim=1) * s
+    def rotate(x):  # (heads, dq) fp32: prefill's RoPE twin on a one-token chunk
+        return apply_rope(x.unsqueeze(0), c, s)[0]
 
     q_out.copy_(rotate(qkv[: H * dq].float().view(H, dq)))
     if slot is not None:
