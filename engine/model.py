@@ -321,9 +321,9 @@ class HymbaForCausalLM(nn.Module):
         advancing it, so engine/graph.py captures it once as a CUDA graph. The caller keeps state.num_tokens and
         checks the context limit. An out-of-vocabulary id (the sampler's -1) is clamped rather than faulting the
         device: the engine discards such a step."""
-        ids = token.view(1).clamp(0, self.config.vocab_size - 1)
-        h = F.embedding(ids, self.model.embed_tokens.weight)[0].float()  # (D,) fp32 residual stream
-        indices = state.decode_indices()
+        embed = self.model.embed_tokens.weight
+        h, idx = kernels.step_inputs(token, embed, state.pos, state.groups, state.num_meta)  # h: (D,) fp32 residual
+        indices = state.decode_indices(idx)
         if h.is_cuda and self.side_stream is None:
             self.side_stream = torch.cuda.Stream(h.device)
         for layer in self.model.layers:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+import kernels
 from engine.api import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
 INVALID_TOKEN_ID = -1  # what sample() returns when the row cannot be sampled (NaN, +inf, or every token banned)
@@ -81,6 +82,10 @@ def sample(
     assert logits.dim() == 1, f"logits must be one row (V,), got {tuple(logits.shape)}"
     assert params.repetition_penalty > 0 and params.top_k >= 0 and 0 <= params.min_p <= 1, params
     assert bool(params.logit_bias) == (penalties.logit_bias is not None), "build PenaltyState with params.logit_bias"
+    is_plain = (penalties.logit_bias is None and suppress_ids is None and params.repetition_penalty == 1.0
+                and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0)  # fmt: skip
+    if params.is_greedy and is_plain:  # the common case in one launch: the same token, the same -1 rule
+        return kernels.greedy_pick(logits.contiguous())
     raw = logits
     logits = logits.to(torch.float32, copy=True)  # (V,) fp32, ours to modify in place
     if penalties.logit_bias is not None:

@@ -4,7 +4,7 @@ Per layer: conv state (d_inner, K-1) and SSM state (d_inner, N), both fp32. Per 
 (Hk, capacity, d) in the model dtype whose first num_meta slots hold the meta tokens' K/V; after them a global
 layer stores every later position in order, a sliding-window layer a ring of `window` slots. Consumer layers own
 nothing: they read their producer's buffer. Position -> slot arithmetic: slots() (kernels/prefill_kv.py's ring_slots,
-whose prefill kernels apply the same rule on the device).
+whose prefill kernels apply the same rule on the device, as does decode's first kernel, kernels/step_inputs.py).
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ class DecodeState:
             self.window[i] = window
             self.k[i] = torch.zeros(Hk, capacity, config.head_dim, dtype=dtype, device=device)
             self.v[i] = torch.zeros(Hk, capacity, config.v_head_dim, dtype=dtype, device=device)
+        # decode's index groups: one row (window or 0 for global, capacity) per distinct buffer shape, which the step's
+        # first kernel turns into (slot, filled slots) rows (kernels/step_inputs.py); group[i]: layer i's row
+        shapes = list(dict.fromkeys((w, self.k[i].shape[1]) for i, w in self.window.items()))
+        self.group = {i: shapes.index((w, self.k[i].shape[1])) for i, w in self.window.items()}
+        rows = [(w or 0, capacity) for w, capacity in shapes]
+        self.groups = torch.tensor(rows, dtype=torch.int64).view(-1, 2).to(device)
         self.num_tokens = 0  # positions processed so far, meta tokens included: the next token's position
         # the same count on the device, which a captured decode step reads and advances (the host never does there)
         self.pos = torch.zeros(1, dtype=torch.int64, device=device)
@@ -92,17 +98,11 @@ class DecodeState:
             return num_positions.clamp_max(capacity)
         return min(num_positions, capacity)
 
-    def decode_indices(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Per KV-producing layer: (slot, filled slots) for a decode step at position self.pos, as (1,) int64
-        device tensors computed on the device (a CUDA graph captures this). Layers of one shape share them."""
-        shared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        indices = {}
-        for i, window in self.window.items():
-            capacity = self.k[i].shape[1]
-            if (window, capacity) not in shared:
-                shared[window, capacity] = (self.slots(i, self.pos), self.num_valid(i, self.pos + 1))
-            indices[i] = shared[window, capacity]
-        return indices
+    def decode_indices(self, idx: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per KV-producing layer: (slot, filled slots) for a decode step at position self.pos, as (1,) int64 views
+        of idx, the (groups, 2) rows kernels/step_inputs.py computed on the device from self.groups (a CUDA graph
+        captures this). Layers of one shape share them."""
+        return {i: (idx[g, 0:1], idx[g, 1:2]) for i, g in self.group.items()}
 
     def history_range(self, layer_idx: int, start: int) -> tuple[int, int, int]:
         """The positions before `start` that a prefill chunk starting there may see, in position order, as

@@ -12,10 +12,12 @@ from torch import Tensor
 from kernels import attention as _attention
 from kernels import causal_conv1d as _conv
 from kernels import gemv as _gemv
+from kernels import greedy as _greedy
 from kernels import prefill_kv as _prefill_kv
 from kernels import rms_norm as _norm
 from kernels import selective_scan as _scan
 from kernels import ssm_update as _update
+from kernels import step_inputs as _step
 from kernels import swiglu as _swiglu
 from kernels._triton import HAS_TRITON
 
@@ -88,6 +90,12 @@ def rope_attention_decode(
     return fn(qkv, num_heads, pos, cos, sin, k_buf, v_buf, num_valid, slot, write_kv=write_kv)
 
 
+def greedy_pick(logits: Tensor) -> Tensor:
+    if _on_triton(logits):
+        return _greedy.greedy_pick(logits)
+    return _greedy.greedy_pick_ref(logits)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float, *, out: Tensor | None = None) -> Tensor:
     if _on_triton(x):
         return _norm.rms_norm(x, weight, eps, out=out)
@@ -100,6 +108,13 @@ def rms_norm_average(
     if _on_triton(a):
         return _norm.rms_norm_average(a, b, weight_a, weight_b, eps, out=out)
     return _norm.rms_norm_average_ref(a, b, weight_a, weight_b, eps, out=out)
+
+
+def step_inputs(
+    token: Tensor, embed_weight: Tensor, pos: Tensor, groups: Tensor, num_meta: int
+) -> tuple[Tensor, Tensor]:
+    fn = _step.step_inputs if _on_triton(embed_weight) else _step.step_inputs_ref
+    return fn(token, embed_weight, pos, groups, num_meta)
 
 
 def swiglu(gate: Tensor, up: Tensor, out_dtype) -> Tensor:
@@ -158,6 +173,7 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_update",
     "gemv",
+    "greedy_pick",
     "mlp_gemv",
     "norm_average_gemv",
     "norm_gemv",
@@ -167,6 +183,7 @@ __all__ = [
     "rope_prefill",
     "selective_scan",
     "ssm_update",
+    "step_inputs",
     "store_kv",
     "swiglu",
     "use_triton",
