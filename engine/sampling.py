@@ -84,8 +84,11 @@ def sample(
     assert bool(params.logit_bias) == (penalties.logit_bias is not None), "build PenaltyState with params.logit_bias"
     is_plain = (penalties.logit_bias is None and suppress_ids is None and params.repetition_penalty == 1.0
                 and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0)  # fmt: skip
-    if params.is_greedy and is_plain:  # the common case in one launch: the same token, the same -1 rule
+    if params.is_greedy and is_plain:  # the common cases in one launch each: the same token, the same -1 rule
         return kernels.greedy_pick(logits.contiguous())
+    if is_plain and params.top_k == 0 and params.top_p >= 1.0 and params.min_p == 0.0:  # temperature only
+        noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(generator=generator)
+        return kernels.race_pick(logits.contiguous(), noise, params.temperature)
     raw = logits
     logits = logits.to(torch.float32, copy=True)  # (V,) fp32, ours to modify in place
     if penalties.logit_bias is not None:

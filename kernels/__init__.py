@@ -12,7 +12,7 @@ from torch import Tensor
 from kernels import attention as _attention
 from kernels import causal_conv1d as _conv
 from kernels import gemv as _gemv
-from kernels import greedy as _greedy
+from kernels import pick as _pick
 from kernels import prefill_kv as _prefill_kv
 from kernels import rms_norm as _norm
 from kernels import selective_scan as _scan
@@ -92,8 +92,14 @@ def rope_attention_decode(
 
 def greedy_pick(logits: Tensor) -> Tensor:
     if _on_triton(logits):
-        return _greedy.greedy_pick(logits)
-    return _greedy.greedy_pick_ref(logits)
+        return _pick.greedy_pick(logits)
+    return _pick.greedy_pick_ref(logits)
+
+
+def race_pick(logits: Tensor, noise: Tensor, temperature: float) -> Tensor:
+    if _on_triton(logits):
+        return _pick.race_pick(logits, noise, temperature)
+    return _pick.race_pick_ref(logits, noise, temperature)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, *, out: Tensor | None = None) -> Tensor:
@@ -177,6 +183,7 @@ __all__ = [
     "mlp_gemv",
     "norm_average_gemv",
     "norm_gemv",
+    "race_pick",
     "rms_norm",
     "rms_norm_average",
     "rope_attention_decode",
