@@ -233,7 +233,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
-def ring_slots(positions: torch.Tensor, num_meta: int, window: int | None) -> torch.Tensor:
+def ring_slots(positions: torch.Tensor, num_meta: int, window: int | torch.Tensor | None) -> torch.Tensor:
     """The slot rule of the module docstring in PyTorch ops (DecodeState.slots is this; the kernels' _slot applies it
     on the device)."""
     if window is None:

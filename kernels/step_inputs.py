@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._triton import tl, triton
+from kernels.prefill_kv import _slot, ring_slots
 
 
 @triton.jit
@@ -26,13 +27,12 @@ def _step_inputs_kernel(
     row = tl.load(embed_ptr + token * stride_embed + offs, mask=offs < D, other=0.0)
     tl.store(h_ptr + offs, row.to(tl.float32), mask=offs < D)
 
-    pos = tl.load(pos_ptr)
     offs_g = tl.arange(0, BLOCK_G)
+    pos = tl.load(pos_ptr) + tl.zeros((BLOCK_G,), dtype=tl.int64)  # one per group, the shape _slot returns
     mask_g = offs_g < G
     window = tl.load(groups_ptr + 2 * offs_g, mask=mask_g, other=1)  # 0: a global layer's buffer
     capacity = tl.load(groups_ptr + 2 * offs_g + 1, mask=mask_g, other=1)
-    ring = num_meta + (pos - num_meta) % tl.maximum(window, 1)  # used only where pos >= num_meta: no sign issue
-    slot = tl.where((window == 0) | (pos < num_meta), pos, ring)
+    slot = tl.where(window == 0, pos, _slot(pos, num_meta, tl.maximum(window, 1), True))
     tl.store(idx_ptr + 2 * offs_g, slot, mask=mask_g)
     tl.store(idx_ptr + 2 * offs_g + 1, tl.minimum(pos + 1, capacity), mask=mask_g)
 
@@ -42,7 +42,8 @@ def step_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """token, pos: one int64 each on the device (a token past the vocabulary, as the sampler's -1, is clamped).
     embed_weight: (V, D)   groups: (G, 2) int64 rows (window, capacity), window 0 for a global buffer.
-    Returns h: (D,) fp32 and idx: (G, 2) int64 rows (slot, filled slots once this position is written)."""
+    Returns h: (D,) fp32 and idx: (G, 2) int64 rows (slot, filled slots once this position is written).
+    The slot rule is prefill_kv's (_slot on the device, ring_slots in the twin), per group: window 0 keeps order."""
     V, D = embed_weight.shape
     G = groups.shape[0]
     assert token.numel() == 1 and pos.numel() == 1 and token.dtype == pos.dtype == torch.int64, "int64 scalars"
@@ -64,6 +65,5 @@ def step_inputs_ref(
     h = F.embedding(ids, embed_weight)[0].float()
     pos = pos.view(1)
     window, capacity = groups[:, 0], groups[:, 1]
-    ring = num_meta + (pos - num_meta) % window.clamp_min(1)
-    slot = torch.where((window == 0) | (pos < num_meta), pos, ring)
+    slot = torch.where(window == 0, pos, ring_slots(pos, num_meta, window.clamp_min(1)))
     return h, torch.stack([slot, torch.minimum(pos + 1, capacity)], dim=1)
