@@ -123,7 +123,7 @@ def time_prefill(prefill, model: HymbaForCausalLM, state: DecodeState, num_token
     for _ in range(runs + 1):
         sync(state.ssm.device)
         t0 = time.perf_counter()
-        int(kernels.greedy_pick(prefill(ids)))
+        int(kernels.pick(prefill(ids)))
         times.append(time.perf_counter() - t0)
     return times[1:]
 
@@ -138,22 +138,20 @@ def eager_prefill(model: HymbaForCausalLM, state: DecodeState):
 
 def time_decode(model: HymbaForCausalLM, state: DecodeState, context: int, runs: int, graph=None) -> list[float]:
     """Tokens/s of runs of greedy steps after a prompt of `context` tokens (3 warm-up steps), the token staying on
-    the device and picked as the engine picks it (kernels.greedy_pick, sampling.sample's greedy path): through
+    the device and picked as the engine picks it (kernels.pick, sampling.sample's greedy path): through
     model.decode (eager), or through a DecodeGraph's replays."""
     device, step = state.ssm.device, (graph or model).decode
     steps = GRAPH_DECODE_STEPS if graph else DECODE_STEPS
     state.reset()
-    token = kernels.greedy_pick(
-        model.prefill(torch.randint(3, model.config.vocab_size, (context,), device=device), state)
-    )
+    token = kernels.pick(model.prefill(torch.randint(3, model.config.vocab_size, (context,), device=device), state))
     for _ in range(3):
-        token = kernels.greedy_pick(step(token, state))
+        token = kernels.pick(step(token, state))
     rates = []
     for _ in range(runs):
         sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            token = kernels.greedy_pick(step(token, state))
+            token = kernels.pick(step(token, state))
         int(token)
         rates.append(steps / (time.perf_counter() - t0))
     return rates
@@ -173,14 +171,12 @@ def decode_split(model: HymbaForCausalLM, state: DecodeState, graph: DecodeGraph
     kernels.use_triton(True)
     steps, device = 8, state.ssm.device
     state.reset()
-    token = kernels.greedy_pick(
-        model.prefill(torch.randint(3, model.config.vocab_size, (context,), device=device), state)
-    )
-    token = kernels.greedy_pick(model.decode(token, state))
+    token = kernels.pick(model.prefill(torch.randint(3, model.config.vocab_size, (context,), device=device), state))
+    token = kernels.pick(model.decode(token, state))
     sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            token = kernels.greedy_pick(model.decode(token, state))
+            token = kernels.pick(model.decode(token, state))
         sync(device)
     parts = dict.fromkeys(["gemv", "attention", "ssm", "other"], 0.0)
     launches = 0

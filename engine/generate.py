@@ -88,6 +88,7 @@ class Engine:
         config, model, state = load_model(model_dir, device, dtype, max_model_len)
         graph = DecodeGraph(model, state) if cuda_graph and state.pos.is_cuda else None
         prefill = Prefill(model, state, cuda_graphs=cuda_graph)
+        sampling.warm_up(config.vocab_size, state.ssm.device)
         eos = tuple(dict.fromkeys(config.eos_token_id + gen_eos))
         seconds = time.perf_counter() - start
         return cls(model_dir, config, model, state, tokenizer, defaults, eos, seconds, graph, prefill)
@@ -140,7 +141,10 @@ class Engine:
         penalties = sampling.PenaltyState(ids, self.config.vocab_size, params.logit_bias)
         generator = sampling.make_generator(params.seed, device)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-        suppress = torch.tensor(sorted(stop_ids), dtype=torch.int64, device=device) if stop_ids else None
+        banned = None  # the stop ids, banned until min_tokens: a row, as the pick reads it
+        if stop_ids and params.min_tokens > 0:
+            banned = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=device)
+            banned[torch.tensor(sorted(stop_ids), dtype=torch.int64, device=device)] = True
         stop_strings = params.stop
         if not params.ignore_eos and self.tokenizer.eos_token:  # spec 10: the model may spell EOS out as text
             stop_strings = (*stop_strings, self.tokenizer.eos_token)
@@ -156,7 +160,7 @@ class Engine:
         num_generated = 0
         while True:
             is_early = num_generated < params.min_tokens
-            token = sampling.sample(logits, params, penalties, generator, suppress_ids=suppress if is_early else None)
+            token = sampling.sample(logits, params, penalties, generator, banned if is_early else None)
             self._reader.start(token)
             num_generated += 1
             # a graph's logits buffer is overwritten by the next step, queued below before this token is scored

@@ -1,12 +1,13 @@
 """Sampling: one request's logits row -> the next token id, and logits -> logprobs for the API.
 
 Pure functions of tensors on any device, free of host syncs on the sampling path, so the engine can run them
-right after a CUDA-graph decode step. Stopping (EOS, stop ids, min_tokens) is the engine's; it bans ids here.
+right after a CUDA-graph decode step. The pick itself is kernels.pick (one launch on CUDA, its PyTorch twin
+elsewhere); this module turns a request's parameters and history into its inputs. Stopping (EOS, stop ids,
+min_tokens) is the engine's; it bans ids here.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -62,133 +63,58 @@ def sample(
     params: SamplingParams,
     penalties: PenaltyState,
     generator: torch.Generator | None,
-    suppress_ids: torch.Tensor | None = None,
+    banned: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick the next token from one row of raw logits; returns a 0-d int64 tensor on the logits' device.
 
     logits: (V,) raw model output, any float dtype; left unchanged.
-    suppress_ids: (S,) int64 on the same device, ids that may not be picked at this step (the engine bans EOS
-    and stop ids this way until min_tokens); build it once per request, not per step.
+    banned: (V,) bool on the same device, ids that may not be picked at this step (the engine bans EOS and stop ids
+    this way until min_tokens); build it once per request, not per step.
 
-    Order: logit_bias -> suppress_ids to -inf -> repetition penalty (prompt and output tokens) -> presence and
-    frequency penalties (output tokens) -> greedy argmax if params.is_greedy, else temperature -> top_k ->
-    top_p -> min_p -> an exponential race drawn from `generator`. Equal logits at a top_k / top_p cut keep
-    the lower id.
+    Order: logit_bias -> banned ids to -inf -> repetition penalty (prompt and output tokens) -> presence and
+    frequency penalties (output tokens) -> greedy argmax if params.is_greedy, else temperature -> top_k -> top_p ->
+    min_p -> an exponential race on Exp(1) noise drawn from `generator`, one draw per token id (kernels.pick, one
+    launch on CUDA). Equal logits at a top_k / top_p cut keep the lower id.
 
     Returns INVALID_TOKEN_ID (-1) instead of a token when the raw row holds NaN or +inf or nothing finite, or
     when the bans leave no token: the engine reads the id anyway, so it checks for -1 there at no extra sync,
     and must not feed -1 to the model or to PenaltyState.update.
     """
     assert logits.dim() == 1, f"logits must be one row (V,), got {tuple(logits.shape)}"
-    assert params.repetition_penalty > 0 and params.top_k >= 0 and 0 <= params.min_p <= 1, params
     assert bool(params.logit_bias) == (penalties.logit_bias is not None), "build PenaltyState with params.logit_bias"
-    is_plain = (penalties.logit_bias is None and suppress_ids is None and params.repetition_penalty == 1.0
-                and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0)  # fmt: skip
-    if params.is_greedy and is_plain:  # the common cases in one launch each: the same token, the same -1 rule
-        return kernels.greedy_pick(logits.contiguous())
-    if is_plain and params.top_k == 0 and params.top_p >= 1.0 and params.min_p == 0.0:  # temperature only
+    noise = None
+    if not params.is_greedy:  # the same generator call for every path, so a seed draws the same noise
         noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(generator=generator)
-        return kernels.race_pick(logits.contiguous(), noise, params.temperature)
-    raw = logits
-    logits = logits.to(torch.float32, copy=True)  # (V,) fp32, ours to modify in place
-    if penalties.logit_bias is not None:
-        logits += penalties.logit_bias
-    if suppress_ids is not None:
-        logits.index_fill_(0, suppress_ids, -math.inf)
-    if params.repetition_penalty != 1.0:
-        is_seen = penalties.prompt_mask | (penalties.output_counts > 0)
-        logits = apply_repetition_penalty(logits, is_seen, params.repetition_penalty)
-    if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
-        logits = apply_presence_frequency(
-            logits, penalties.output_counts, params.presence_penalty, params.frequency_penalty
-        )
-    # torch.max propagates NaN, so a finite max means: no NaN, no +inf, and some token left to pick. The raw
-    # row is checked too because suppress_ids may have overwritten its NaN; the sum is finite only if both are.
-    peak = logits.max()
-    is_valid = (raw.max() + peak).abs() < math.inf  # 0-d bool
-
-    if params.is_greedy:
-        token = torch.argmax(logits)
-    else:
-        if params.temperature != 1.0:
-            # Shifting by the max first keeps a tiny temperature from overflowing to inf (softmax is shift-invariant).
-            logits = (logits - peak) / params.temperature
-        order = None
-        if params.top_k > 0 or params.top_p < 1.0:
-            # One sort serves top_k and top_p (cheaper than topk + sort on CUDA); the draw then happens in sorted
-            # order and maps back through `order`. Stable, so equal logits rank by id.
-            logits, order = torch.sort(logits, descending=True, stable=True)  # (V,), (V,)
-            if params.top_k > 0:
-                mask_top_k_(logits, params.top_k)
-        probs = torch.softmax(logits, dim=-1)  # (V,)
-        if params.top_p < 1.0:
-            mask_top_p_(probs, params.top_p)
-        if params.min_p > 0.0:
-            mask_min_p_(probs, params.min_p)
-        token = sample_from_probs(probs, generator)
-        if order is not None:
-            token = torch.take(order, token)
-    return torch.where(is_valid, token, INVALID_TOKEN_ID)
+    repetition = params.repetition_penalty
+    is_counted = repetition != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+    return kernels.pick(
+        logits.contiguous(),
+        noise,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        min_p=params.min_p,
+        bias=penalties.logit_bias,
+        banned=banned,
+        prompt_mask=penalties.prompt_mask if repetition != 1.0 else None,
+        counts=penalties.output_counts if is_counted else None,
+        repetition=repetition,
+        presence=params.presence_penalty,
+        frequency=params.frequency_penalty,
+    )
 
 
-def apply_repetition_penalty(logits: torch.Tensor, is_seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style: a seen token's logit is divided by `penalty` when positive, multiplied when negative.
-
-    logits: (V,) fp32    is_seen: (V,) bool    returns a new (V,) fp32
-    """
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    finite = torch.finfo(torch.float32).max  # a tiny penalty must not overflow a logit to +inf (NaN after softmax)
-    return torch.where(is_seen, penalized.clamp(-finite, finite), logits)
-
-
-def apply_presence_frequency(
-    logits: torch.Tensor, output_counts: torch.Tensor, presence: float, frequency: float
-) -> torch.Tensor:
-    """OpenAI's definition: logit[j] -= counts[j] * frequency + (counts[j] > 0) * presence.
-
-    logits: (V,) fp32    output_counts: (V,) int    returns a new (V,) fp32
-    """
-    counts = output_counts.to(torch.float32)
-    return logits - (counts * frequency + (counts > 0) * presence)
-
-
-def mask_top_k_(sorted_logits: torch.Tensor, k: int) -> None:
-    """Keep exactly the first k entries of a descending row; set the rest to -inf in place.
-
-    sorted_logits: (V,) fp32, descending
-    """
-    sorted_logits[k:] = -math.inf
-
-
-def mask_top_p_(sorted_probs: torch.Tensor, top_p: float) -> None:
-    """Nucleus: keep the smallest leading set whose mass reaches top_p; zero the rest in place.
-
-    A token is kept when the mass strictly before it is below top_p, so the top token always stays and a set
-    that reaches top_p exactly takes nothing more. top_p is compared in fp32.
-    sorted_probs: (V,) fp32, descending, summing to 1; left unnormalized
-    """
-    mass_through = torch.cumsum(sorted_probs, dim=0)  # (V,) mass of entries 0..i
-    sorted_probs[1:].masked_fill_(mass_through[:-1] >= top_p, 0.0)
-
-
-def mask_min_p_(probs: torch.Tensor, min_p: float) -> None:
-    """Zero, in place, the tokens whose probability is below min_p times the largest one.
-
-    probs: (V,) fp32, any order; left unnormalized
-    """
-    probs.masked_fill_(probs < min_p * probs.max(), 0.0)
-
-
-def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one index with probability proportional to probs, without a host sync: argmax of probs / Exp(1).
-
-    Each token's probs[i] / E_i is the inverse of an exponential time with rate probs[i]; the first to arrive
-    wins with probability probs[i] / sum(probs). Zero-probability tokens never win.
-    probs: (V,) fp32, unnormalized is fine    returns a 0-d int64
-    """
-    noise = torch.empty_like(probs).exponential_(generator=generator)  # (V,)
-    noise.clamp_min_(torch.finfo(noise.dtype).tiny)  # an exact 0 would make 0 / 0 = NaN win the argmax
-    return torch.argmax(probs / noise)
+def warm_up(vocab_size: int, device: torch.device) -> None:
+    """Compile the pick's four kernels (greedy or a draw, from the raw row or a penalized one) now, so the first
+    request that needs each does not wait for Triton. Nothing to do off CUDA."""
+    if device.type != "cuda":
+        return
+    logits = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+    penalties = PenaltyState(torch.zeros(1, dtype=torch.int64, device=device), vocab_size)
+    for temperature in (0.0, 1.0):
+        for presence in (0.0, 1.0):
+            sample(logits, SamplingParams(temperature=temperature, presence_penalty=presence), penalties, None)
+    torch.cuda.synchronize(device)
 
 
 def token_logprob(logits: torch.Tensor, token_id: int, num_top: int) -> TokenLogprob:

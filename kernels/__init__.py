@@ -90,16 +90,11 @@ def rope_attention_decode(
     return fn(qkv, num_heads, pos, cos, sin, k_buf, v_buf, num_valid, slot, write_kv=write_kv)
 
 
-def greedy_pick(logits: Tensor) -> Tensor:
+def pick(logits: Tensor, noise: Tensor | None = None, **options) -> Tensor:
+    """The next token from one logits row: greedy without noise, else a draw (kernels/pick.py has the options)."""
     if _on_triton(logits):
-        return _pick.greedy_pick(logits)
-    return _pick.greedy_pick_ref(logits)
-
-
-def race_pick(logits: Tensor, noise: Tensor, temperature: float) -> Tensor:
-    if _on_triton(logits):
-        return _pick.race_pick(logits, noise, temperature)
-    return _pick.race_pick_ref(logits, noise, temperature)
+        return _pick.pick(logits, noise, **options)
+    return _pick.pick_ref(logits, noise, **options)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, *, out: Tensor | None = None) -> Tensor:
@@ -179,11 +174,10 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_update",
     "gemv",
-    "greedy_pick",
     "mlp_gemv",
     "norm_average_gemv",
     "norm_gemv",
-    "race_pick",
+    "pick",
     "rms_norm",
     "rms_norm_average",
     "rope_attention_decode",

@@ -9,19 +9,8 @@ import torch
 
 from engine import sampling
 from engine.api import SamplingParams, TokenLogprob
-from engine.sampling import (
-    INVALID_TOKEN_ID,
-    PenaltyState,
-    apply_presence_frequency,
-    apply_repetition_penalty,
-    make_generator,
-    mask_min_p_,
-    mask_top_k_,
-    mask_top_p_,
-    prompt_logprobs,
-    sample,
-    token_logprob,
-)
+from engine.sampling import INVALID_TOKEN_ID, PenaltyState, make_generator, prompt_logprobs, sample, token_logprob
+from kernels.pick import apply_presence_frequency, apply_repetition_penalty, mask_min_p_, mask_top_k_, mask_top_p_
 
 NAN, INF = math.nan, math.inf
 PROBS = [0.4, 0.3, 0.15, 0.1, 0.05]  # a small vocabulary for distribution checks; logits are their logs
@@ -37,13 +26,20 @@ def draw(
     params: SamplingParams,
     num_draws: int,
     seed: int | None = 0,
-    suppress_ids: torch.Tensor | None = None,
+    banned_ids: list[int] | None = None,
 ) -> list[int]:
     """num_draws tokens from the same logits and one request's generator (the history is not updated)."""
     penalties = penalties_for(params, logits.shape[-1])
     generator = make_generator(seed, "cpu")
-    tokens = [sample(logits, params, penalties, generator, suppress_ids) for _ in range(num_draws)]
+    banned = None if banned_ids is None else banned_row(banned_ids, logits.shape[-1])
+    tokens = [sample(logits, params, penalties, generator, banned) for _ in range(num_draws)]
     return torch.stack(tokens).tolist()
+
+
+def banned_row(ids: list[int], vocab_size: int, device="cpu") -> torch.Tensor:
+    banned = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    banned[ids] = True
+    return banned
 
 
 def random_logits(vocab_size: int, seed: int = 0) -> torch.Tensor:
@@ -142,7 +138,7 @@ def test_min_p_samples_only_the_survivors():
     assert set(draw(logits, SamplingParams(min_p=0.5), 500)) == {0, 1}  # threshold 0.2
 
 
-# --- penalties, logit_bias, suppress_ids ---
+# --- penalties, logit_bias, banned ids ---
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
@@ -206,11 +202,10 @@ def test_logit_bias_must_reach_the_penalty_state():
         sample(torch.zeros(3), params, PenaltyState(torch.tensor([0]), 3), None)
 
 
-def test_suppress_ids_are_never_picked():
+def test_banned_ids_are_never_picked():
     logits = torch.tensor([3.0, 2.9, 2.8, 0.0])
-    suppress_ids = torch.tensor([0, 2])
-    assert draw(logits, SamplingParams(temperature=0.0), 1, suppress_ids=suppress_ids) == [1]
-    assert set(draw(logits, SamplingParams(), 500, suppress_ids=suppress_ids)) == {1, 3}
+    assert draw(logits, SamplingParams(temperature=0.0), 1, banned_ids=[0, 2]) == [1]
+    assert set(draw(logits, SamplingParams(), 500, banned_ids=[0, 2])) == {1, 3}
 
 
 def test_penalty_state_marks_the_prompt():
@@ -278,7 +273,7 @@ def test_the_callers_logits_are_unchanged():
     )
     penalties = penalties_for(params, 50, prompt_ids=(1, 2, 3))
     penalties.update(torch.tensor(4))
-    sample(logits, params, penalties, make_generator(0, "cpu"), torch.tensor([5, 6]))
+    sample(logits, params, penalties, make_generator(0, "cpu"), banned_row([5, 6], 50))
     token_logprob(logits, 3, 5)
     assert torch.equal(logits, before)
 
@@ -287,7 +282,7 @@ def test_the_callers_logits_are_unchanged():
 
 
 @pytest.mark.parametrize(
-    "row, suppress",
+    "row, banned",
     [
         ([1.0, NAN, 2.0], None),
         ([NAN, NAN, NAN], None),
@@ -296,15 +291,12 @@ def test_the_callers_logits_are_unchanged():
         ([1.0, NAN, 2.0], [1]),
         ([1.0, 2.0, 3.0], [0, 1, 2]),
     ],
-    ids=["one-nan", "all-nan", "pos-inf", "all-neg-inf", "nan-under-suppress", "all-suppressed"],
+    ids=["one-nan", "all-nan", "pos-inf", "all-neg-inf", "nan-under-a-ban", "all-banned"],
 )
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
-def test_unsampleable_rows_give_the_invalid_id(row, suppress, temperature):
-    suppress_ids = None if suppress is None else torch.tensor(suppress)
-    assert (
-        draw(torch.tensor(row), SamplingParams(temperature=temperature), 3, suppress_ids=suppress_ids)
-        == [INVALID_TOKEN_ID] * 3
-    )
+def test_unsampleable_rows_give_the_invalid_id(row, banned, temperature):
+    params = SamplingParams(temperature=temperature)
+    assert draw(torch.tensor(row), params, 3, banned_ids=banned) == [INVALID_TOKEN_ID] * 3
 
 
 def test_neg_inf_entries_are_bans_not_errors():
@@ -375,13 +367,13 @@ def test_sample_and_update_do_not_sync_on_cuda():
     logits = random_logits(32001).cuda()
     penalties = PenaltyState(torch.arange(10, device="cuda"), 32001, params.logit_bias)
     generator = make_generator(params.seed, "cuda")
-    suppress_ids = torch.tensor([2], device="cuda")
+    banned = banned_row([2], 32001, "cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         tokens = []
         for _ in range(20):
-            token = sample(logits, params, penalties, generator, suppress_ids)
+            token = sample(logits, params, penalties, generator, banned)
             penalties.update(token)
             tokens.append(token)
     finally:
