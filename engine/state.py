@@ -3,8 +3,8 @@
 Per layer: conv state (d_inner, K-1) and SSM state (d_inner, N), both fp32. Per KV-producing layer a KV buffer
 (Hk, capacity, d) in the model dtype whose first num_meta slots hold the meta tokens' K/V; after them a global
 layer stores every later position in order, a sliding-window layer a ring of `window` slots. Consumer layers own
-nothing: they read their producer's buffer. Position -> slot arithmetic: slots() (kernels/prefill_kv.py's ring_slots,
-whose prefill kernels apply the same rule on the device, as does decode's first kernel, kernels/step_inputs.py).
+nothing: they read their producer's buffer. Position -> slot arithmetic: kernels/prefill_kv.py's ring_slots, whose
+prefill kernels apply the same rule on the device, as does decode's first kernel, kernels/step_inputs.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from engine.config import HymbaConfig
-from kernels.prefill_kv import ring_slots
 
 
 class DecodeState:
@@ -87,16 +86,9 @@ class DecodeState:
 
     # --- position -> slot arithmetic ---
 
-    def slots(self, layer_idx: int, positions: torch.Tensor) -> torch.Tensor:
-        """Buffer slots of absolute positions: meta tokens and global layers in order, SWA tokens in a ring."""
-        return ring_slots(positions, self.num_meta, self.window[layer_idx])
-
-    def num_valid(self, layer_idx: int, num_positions):
-        """Filled slots once positions [0, num_positions) are written (an int, or a device tensor as is)."""
-        capacity = self.k[layer_idx].shape[1]
-        if isinstance(num_positions, torch.Tensor):
-            return num_positions.clamp_max(capacity)
-        return min(num_positions, capacity)
+    def num_valid(self, layer_idx: int, num_positions: int) -> int:
+        """Filled slots once positions [0, num_positions) are written."""
+        return min(num_positions, self.k[layer_idx].shape[1])
 
     def decode_indices(self, idx: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Per KV-producing layer: (slot, filled slots) for a decode step at position self.pos, as (1,) int64 views

@@ -12,7 +12,7 @@ Both read their sizes from host ints that are fixed for a chunk's start and leng
 tensor, so a CUDA graph captures them once per chunk shape. They replace some thirty small PyTorch ops per layer
 (RoPE as elementwise ops, casts, index gathers, concatenations, index copies).
 
-Slot arithmetic (ring_slots, which DecodeState.slots calls; _slot in the kernels): position p < num_meta, or any
+Slot arithmetic (ring_slots; _slot in the kernels): position p < num_meta, or any
 position of a global layer, sits at slot p; a sliding layer's later positions sit in a ring, at
 num_meta + (p - num_meta) % window.
 RoPE is the GPT-NeoX "rotate half" form with fp32 tables, as in decode (kernels/attention.py).
@@ -234,8 +234,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def ring_slots(positions: torch.Tensor, num_meta: int, window: int | torch.Tensor | None) -> torch.Tensor:
-    """The slot rule of the module docstring in PyTorch ops (DecodeState.slots is this; the kernels' _slot applies it
-    on the device)."""
+    """The slot rule of the module docstring in PyTorch ops (the kernels' _slot applies it on the device)."""
     if window is None:
         return positions
     return torch.where(positions < num_meta, positions, num_meta + (positions - num_meta) % window)
