@@ -192,6 +192,14 @@ def decode_split(model: HymbaForCausalLM, state: DecodeState, graph: DecodeGraph
             "gaps_s": graph_step - sum(parts.values())}  # fmt: skip
 
 
+def _gaps(gaps_s: float) -> str:
+    """The step's time beyond its kernels' summed time. Negative when kernels overlap: a PDL kernel starts early and
+    waits for the one before inside its own time, and the SSM chain runs beside attention on its own stream."""
+    if gaps_s >= 0:
+        return f"+ gaps between kernels {gaps_s * 1e6:.0f} us"
+    return f"- {-gaps_s * 1e6:.0f} us of overlap (PDL waits inside kernels, the SSM chain beside attention)"
+
+
 _PREFILL_PARTS = {"_selective_scan": "scan", "_attention_prefill": "attention", "_causal_conv1d": "conv",
                   "_rms_norm": "norm", "gemm": "matmul", "sm90_": "matmul", "cutlass": "matmul", "ampere": "matmul",
                   "nvjet": "matmul"}  # fmt: skip
@@ -425,7 +433,7 @@ def print_report(result: dict) -> None:
         gemv_bw = result["weight_bytes"] / split["parts_s"]["gemv"] / 1e12
         print(
             f"\ndecode step at {split['context']} tokens through the graph: {split['graph_step_s'] * 1e6:.0f} us = "
-            f"kernels ({parts} us) + gaps between kernels {split['gaps_s'] * 1e6:.0f} us; "
+            f"kernels ({parts} us) {_gaps(split['gaps_s'])}; "
             f"{split['kernels_per_step']:.0f} kernels per step; the GEMVs move the weights at {gemv_bw:.2f} TB/s"
         )
     for split in result["prefill_split"]:
