@@ -336,20 +336,21 @@ def kernel_rows(device: torch.device, dtype: torch.dtype, bandwidth: float, matm
 
     shapes = {"in": (D + Hk * (dq + dv) + 2 * d, D), "out": (D, d), "gate": (F, D), "up": (F, D), "down": (D, F),
               "x": (R + 2 * N, d), "lm": (V, D)}  # fmt: skip
-    for name, fn, args, kwargs, names in [
-        ("norm_gemv in_proj 8960x1600", "norm_gemv", (x_d, nw_d, 1e-6, "in"), {}, ["in"]),
+    for name, fn, args, kwargs in [
+        ("norm_gemv in_proj 8960x1600", "norm_gemv", (x_d, nw_d, 1e-6, "in"), {}),
         ("norm_average_gemv out_proj 1600x3200 + residual", "norm_average_gemv",
-         (x_i, x_i, nw_i, nw_i, 1e-6, "out", None), {"residual": res}, ["out"]),
-        ("mlp_gemv gate+up 2x5504x1600 SwiGLU", "mlp_gemv", (x_d, nw_d, 1e-6, "gate", "up"), {}, ["gate", "up"]),
-        ("gemv down_proj 1600x5504 + residual", "gemv", (x_f, "down"), {"residual": res}, ["down"]),
-        ("gemv x_proj 132x3200", "gemv", (x_i, "x"), {}, ["x"]),
-        ("norm_gemv LM head 32001x1600", "norm_gemv", (x_d, nw_d, 1e-6, "lm"), {}, ["lm"]),
+         (x_i, x_i, nw_i, nw_i, 1e-6, "out", None), {"residual": res}),
+        ("mlp_gemv gate+up 2x5504x1600 SwiGLU", "mlp_gemv", (x_d, nw_d, 1e-6, "gate", "up"), {}),
+        ("gemv down_proj 1600x5504 + residual", "gemv", (x_f, "down"), {"residual": res}),
+        ("gemv x_proj 132x3200", "gemv", (x_i, "x"), {}),
+        ("norm_gemv LM head 32001x1600", "norm_gemv", (x_d, nw_d, 1e-6, "lm"), {}),
     ]:  # fmt: skip
         # As in the decode step, each call reads its weights from HBM: the graph's calls cycle through enough copies
-        # of them that a copy has left the L2 before its next call.
+        # of them that a copy has left the L2 before its next call. A weight stands in args as its name in shapes.
+        names = [a for a in args if isinstance(a, str)]
         w_bytes = sum(shapes[n][0] * shapes[n][1] for n in names) * size
         copies = [{n: weight(*shapes[n]) for n in names} for _ in range(-(-COLD_BYTES // w_bytes))]
-        calls = [tuple(c.get(a, a) if isinstance(a, str) else a for a in args) for c in copies]
+        calls = [tuple(c[a] if isinstance(a, str) else a for a in args) for c in copies]
         tri, ref = getattr(gemv, fn), getattr(gemv, fn + "_ref")
         graphed.append((name, _cycling(tri, calls, kwargs), _cycling(ref, calls, kwargs), w_bytes, 0))
     rows = []
