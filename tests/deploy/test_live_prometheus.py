@@ -128,17 +128,20 @@ def prometheus(tmp_path_factory) -> Iterator[Prometheus]:
         def scraped() -> bool:
             for proc, log in ((server, "server.log"), (prometheus_process, "prometheus.log")):
                 assert proc.poll() is None, f"{log}: exited with {proc.returncode}\n{(folder / log).read_text()}"
-            return _answers(live) and bool(live.values('up{job="hymba-serve"} == 1'))
+            return _answers_ok(f"{live.url}/-/ready") and bool(live.values('up{job="hymba-serve"} == 1'))
 
+        # /metrics answers while the model still loads, so a first scrape does not mean the server takes requests:
+        # /health turns 200 only once it does.
         poll(scraped, "the first scrape of the server", START_DEADLINE_S)
+        poll(lambda: _answers_ok(f"http://{server_address}/health"), "the server to finish loading", START_DEADLINE_S)
         send_traffic(f"http://{server_address}")
         live.data_deadline = time.monotonic() + DEADLINE_S
         yield live
 
 
-def _answers(prometheus: Prometheus) -> bool:
+def _answers_ok(url: str) -> bool:
     try:
-        return httpx.get(f"{prometheus.url}/-/ready", timeout=1).status_code == 200
+        return httpx.get(url, timeout=1).status_code == 200
     except httpx.TransportError:
         return False
 
