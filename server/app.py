@@ -206,7 +206,11 @@ class BodyLimit:
 
 
 class RequestMetrics:
-    """Counts every response by endpoint (the route's path template, or "other") and status code."""
+    """Counts every response by endpoint (the route's path template, or "other") and status code.
+
+    A response is counted as its last body message goes out, before the client can have all of it: a scrape made
+    after a client's response ended always includes it (the app itself may return later, tidying up). A response
+    that never ends (an exception, or one before it started: 500) is counted when the app returns."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -215,17 +219,26 @@ class RequestMetrics:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = 500  # an exception before the response started
+        counted = False
 
-        async def send_and_note(message: Message) -> None:
+        def count() -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                self.metrics.requests.labels(_endpoint(scope), str(status)).inc()
+
+        async def send_and_count(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                count()
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_note)
+            await self.app(scope, receive, send_and_count)
         finally:
-            self.metrics.requests.labels(_endpoint(scope), str(status)).inc()
+            count()
 
 
 def _endpoint(scope: Scope) -> str:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.app import RequestMetrics
+from server.metrics import Metrics
 from tests.server.conftest import wait_until
 
 CHAT = {"messages": [{"role": "user", "content": "t5"}], "max_tokens": 3, "ignore_eos": True, "stream": True}
@@ -65,3 +70,42 @@ def test_each_app_has_its_own_registry(make_server):
     httpx.post(first.url + "/v1/completions", json={"prompt": "t5", "max_tokens": 1}, timeout=30)
     wait_until(lambda: first.metric("hymba_generated_tokens_total") == 1)
     assert second.metric("hymba_generated_tokens_total") == 0
+
+
+@pytest.mark.parametrize("fails_after_end", [False, True], ids=["returns", "raises"])
+def test_a_response_is_counted_before_its_end_reaches_the_client(fails_after_end):
+    """The count goes up as the last body message goes out, not when the app returns, so a scrape made once a client
+    has its whole response includes it (counted at the return, a live overload test once read 29 of 30). Counted
+    once, whatever the app does after its response ended."""
+    metrics = Metrics()
+
+    def count() -> float | None:
+        return metrics.registry.get_sample_value("hymba_requests_total", {"endpoint": "other", "status": "200"})
+
+    seen: dict[str, float | None] = {}
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await send({"type": "http.response.body", "body": b"b"})
+        seen["app, after its last send"] = count()
+        if fails_after_end:
+            raise RuntimeError("tidying up failed")
+
+    async def client(message):
+        if message["type"] == "http.response.body":
+            seen["client, more to come" if message.get("more_body") else "client, the end"] = count()
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def serve():
+        await RequestMetrics(app, metrics)({"type": "http", "method": "GET", "path": "/x"}, receive, client)
+
+    if fails_after_end:
+        with pytest.raises(RuntimeError):
+            asyncio.run(serve())
+    else:
+        asyncio.run(serve())
+    assert seen == {"client, more to come": None, "client, the end": 1.0, "app, after its last send": 1.0}
+    assert count() == 1.0
