@@ -159,14 +159,17 @@ def time_decode(model: HymbaForCausalLM, state: DecodeState, context: int, runs:
 
 
 # kernel name -> part of a decode step (the rest: embedding, index arithmetic, the greedy pick)
-_DECODE_PARTS = {"_gemv_kernel": "gemv", "_attention_decode": "attention",
-                 "_ssm_update": "ssm", "_causal_conv1d_update": "ssm"}  # fmt: skip
+_DECODE_PARTS = {"_gemv_kernel": "gemv", "_attention_decode": "attention", "_ssm_update": "ssm",
+                 "_causal_conv1d_update": "ssm", "persistent_decode": "persistent"}  # fmt: skip
 
 
-def decode_split(model: HymbaForCausalLM, state: DecodeState, graph: DecodeGraph, context: int, runs: int) -> dict:
+def decode_split(
+    model: HymbaForCausalLM, state: DecodeState, graph: DecodeGraph, context: int, runs: int, plain: DecodeGraph
+) -> dict:
     """Where one decode step's time goes at `context`: each kernel's device time from the profiler over eager steps
     (the graph runs the same kernels), grouped into parts, and the graph's per-step time beside their sum (the
-    difference is the gap between kernels). Also the GEMVs' achieved bandwidth."""
+    difference is the gap between kernels). Also the GEMVs' achieved bandwidth, and the in-run peer: the same step
+    with every layer on the Triton path (`plain`, a graph without the persistent kernel)."""
     from torch.profiler import ProfilerActivity, profile
 
     kernels.use_triton(True)
@@ -179,7 +182,7 @@ def decode_split(model: HymbaForCausalLM, state: DecodeState, graph: DecodeGraph
         for _ in range(steps):
             token = kernels.pick(model.decode(token, state))
         sync(device)
-    parts = dict.fromkeys(["gemv", "attention", "ssm", "other"], 0.0)
+    parts = dict.fromkeys(["persistent", "gemv", "attention", "ssm", "other"], 0.0)
     launches = 0
     for event in prof.key_averages():
         if event.self_device_time_total <= 0:
@@ -188,8 +191,9 @@ def decode_split(model: HymbaForCausalLM, state: DecodeState, graph: DecodeGraph
         parts[part] += event.self_device_time_total / 1e6 / steps
         launches += event.count
     graph_step = 1 / statistics.median(time_decode(model, state, context, runs, graph))
+    plain_rate = summary(time_decode(model, state, context, runs, plain))
     return {"context": context, "parts_s": parts, "kernels_per_step": launches / steps, "graph_step_s": graph_step,
-            "gaps_s": graph_step - sum(parts.values())}  # fmt: skip
+            "gaps_s": graph_step - sum(parts.values()), "plain_graph_tokens_per_s": plain_rate}  # fmt: skip
 
 
 def _gaps(gaps_s: float) -> str:
@@ -398,6 +402,7 @@ def print_report(result: dict) -> None:
 
     print(f"\n{result['device']}, {result['dtype']}; copy {result['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s "
           f"(read + written), bf16 matmul {result['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")  # fmt: skip
+    print(f"decode through the graph: {result['decode_path']}")
 
     def row(label, cells):
         print(f"| {label} | " + " | ".join(cells) + " |")
@@ -435,8 +440,12 @@ def print_report(result: dict) -> None:
         print(
             f"\ndecode step at {split['context']} tokens through the graph: {split['graph_step_s'] * 1e6:.0f} us = "
             f"kernels ({parts} us) {_gaps(split['gaps_s'])}; "
-            f"{split['kernels_per_step']:.0f} kernels per step; the GEMVs move the weights at {gemv_bw:.2f} TB/s"
+            f"{split['kernels_per_step']:.0f} kernels per step"
+            + (f"; the GEMVs move the weights at {gemv_bw:.2f} TB/s" if split["parts_s"]["persistent"] == 0 else "")
         )
+        plain = split["plain_graph_tokens_per_s"]
+        print(f"  the in-run peer, every layer on the Triton path (a graph without the persistent kernel): "
+              f"{cell(plain, 1, '{:.0f}')} tokens/s, {plain['median'] / roofline:.1%} of the roofline")  # fmt: skip
     for split in result["prefill_split"]:
         parts = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in split["parts_s"].items())
         print(f"\nprefill of {split['tokens']} tokens as served, device time by part (ms): {parts}; "
@@ -476,16 +485,17 @@ def main(argv: list[str] | None = None) -> int:
     model = HymbaForCausalLM.from_tensors(config, tensors, config.num_memory_tokens + max_model_len)
     state = DecodeState(config, max_model_len, device, dtype)
     model.prefill_meta_tokens(state)
-    graph = DecodeGraph(model, state)
+    plain = DecodeGraph(model, state, persistent=False)  # the in-run peer: every layer on the Triton path
+    graph = DecodeGraph(model, state)  # as served: the sliding layers through the persistent kernel where it fits
     served = Prefill(model, state)  # the prompt's chunks replayed from CUDA graphs
 
     result = {
         "device": torch.cuda.get_device_name(device), "dtype": args.dtype, "config": str(args.config or "Hymba-1.5B"),
         "copy_bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": matmul_rate, "weight_bytes": weight_bytes,
         "state_bytes": state.nbytes, "max_model_len": max_model_len, "prompt_lengths": args.prompt_lengths,
-        "contexts": args.contexts, "decode_roofline_tokens_per_s": bandwidth / weight_bytes,
+        "contexts": args.contexts, "decode_roofline_tokens_per_s": bandwidth / weight_bytes, "decode_path": graph.path,
         "paths": {"triton": bench_path(model, state, args, True, graph, served)},
-        "decode_split": [decode_split(model, state, graph, c, args.runs) for c in args.contexts],
+        "decode_split": [decode_split(model, state, graph, c, args.runs, plain) for c in args.contexts],
         "prefill_split": [prefill_split(model, state, n) for n in args.prompt_lengths],
         "kernels": [] if args.no_kernels else kernel_rows(device, dtype, bandwidth, matmul_rate),
     }  # fmt: skip

@@ -66,6 +66,8 @@ class Engine:
         self.state_nbytes = state.nbytes
         self.load_seconds = load_seconds
         self.device = str(state.ssm.device)
+        # which kernels decode (logged at load): the graph's, or eager launches of the Triton kernels or the twins
+        self.decode_path = graph.path if graph is not None else ("eager" if state.pos.is_cuda else "PyTorch twins")
 
     @classmethod
     def load(

@@ -264,7 +264,22 @@ class HymbaForCausalLM(nn.Module):
             layer.mamba.prepare()
         model.cos, model.sin = rope_tables(config, max_positions, model.model.embed_tokens.weight.device)
         model.side_stream = None  # decode's second CUDA stream, made on first use
+        model.persistent = None  # decode's persistent kernel, bound to one DecodeState (use_persistent)
         return model
+
+    def use_persistent(self, state: DecodeState) -> str | None:
+        """Run decode steps on `state` through the persistent kernel (kernels/persistent_decode.py) where it fits;
+        returns why not otherwise, leaving the Triton path in place."""
+        from kernels import persistent_decode
+
+        self.persistent = None
+        reason = persistent_decode.unsupported(self, state)
+        if reason is None:
+            try:
+                self.persistent = persistent_decode.PersistentDecode(self, state)
+            except RuntimeError as e:  # too few multiprocessors, or no NVRTC: the Triton path serves
+                reason = str(e)
+        return reason
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -326,8 +341,18 @@ class HymbaForCausalLM(nn.Module):
         indices = state.decode_indices(idx)
         if h.is_cuda and self.side_stream is None:
             self.side_stream = torch.cuda.Stream(h.device)
-        for layer in self.model.layers:
-            layer.decode(h, state, indices, self.cos, self.sin, self.side_stream if h.is_cuda else None)
+        fast = self.persistent if self.persistent is not None and self.persistent.state is state else None
+        runs = dict(fast.segments) if fast is not None else {}  # first layer -> end of a run the kernel takes
+        if fast is not None:
+            fast.begin_step()
+        layers, i = self.model.layers, 0
+        while i < len(layers):
+            if i in runs:  # a run of sliding layers, one launch (kernels/persistent_decode.py)
+                fast(h, i, runs[i], indices[i][0], self.cos, self.sin)
+                i = runs[i]
+                continue
+            layers[i].decode(h, state, indices, self.cos, self.sin, self.side_stream if h.is_cuda else None)
+            i += 1
         norm = self.model.final_layernorm
         logits = kernels.norm_gemv(h, norm.weight, norm.eps, self.lm_head_weight)
         state.pos += 1

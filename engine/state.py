@@ -20,7 +20,9 @@ class DecodeState:
         Hk, M = config.num_key_value_heads, config.num_memory_tokens
         self.num_meta = M
         self.max_positions = M + max_model_len  # meta tokens + prompt + generated
-        self.conv = torch.zeros(L, d, K - 1, dtype=torch.float32, device=device)  # (L, d_inner, K-1) fp32
+        # (L, d_inner, K-1) fp32, each channel's row padded to K values: 16 bytes with K = 4, as the persistent decode
+        # kernel copies them (kernels/persistent_decode.cu); every other reader takes the stride
+        self.conv = torch.zeros(L, d, K, dtype=torch.float32, device=device)[..., : K - 1]
         self.ssm = torch.zeros(L, d, N, dtype=torch.float32, device=device)  # (L, d_inner, N) fp32
         # window[i]: the sliding window of layer i's KV buffer, None for a global one.
         self.window: dict[int, int | None] = {}
@@ -48,7 +50,7 @@ class DecodeState:
     @property
     def nbytes(self) -> int:
         tensors = [self.conv, self.ssm, *self.k.values(), *self.v.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.untyped_storage().nbytes() for t in tensors)  # the conv state's padding included
 
     def save_snapshot(self) -> None:
         """Remember the state right after the meta tokens (the same for every request: spec 8, last bullet)."""

@@ -133,13 +133,14 @@ def load_engines(settings: Settings) -> list[Engine]:
     engines = [Engine.load(settings.model, d, settings.dtype, settings.max_model_len) for d in settings.devices]
     for engine in engines:
         log.info(
-            "loaded %s on %s in %.2f s; decode state %.1f MiB (%d bytes) per worker; max_model_len %d",
+            "loaded %s on %s in %.2f s; decode state %.1f MiB (%d bytes) per worker; max_model_len %d; decode: %s",
             engine.model_name,
             engine.device,
             engine.load_seconds,
             engine.state_nbytes / 2**20,
             engine.state_nbytes,
             engine.max_model_len,
+            engine.decode_path,
         )
     return engines
 
