@@ -3,9 +3,9 @@
 Hymba-1.5B's shapes with random weights (engine.bench's). Both bf16 paths are compared with the same steps run in
 fp32 through the Triton kernels: the persistent kernel rounds where the reference model does (every product's
 output to bf16) and the Triton path keeps some of them in fp32, so neither is exact, and the test asks the kernel to
-be about as close to fp32 as the Triton path is. The states it leaves (SSM, conv, the KV rings, the slot written)
-are checked the same way, at a short context (unfilled ring slots masked) and past the ring's wrap. A CUDA graph of
-the persistent step must replay it bit for bit."""
+be about as close to fp32 as the Triton path is. The state it leaves (SSM, conv, and the K/V rows the decode steps
+wrote) is checked the same way, at a short context (unfilled ring slots masked) and past the ring's wrap. A CUDA
+graph of the persistent step must replay it bit for bit."""
 
 from __future__ import annotations
 
@@ -51,8 +51,12 @@ def _steps(model, state, prompt, tokens, persistent):
     finally:
         model.persistent = saved
     snap = {"ssm": state.ssm.clone(), "conv": state.conv.clone()}
-    snap.update({f"k{i}": k.clone() for i, k in state.k.items()})
-    snap.update({f"v{i}": v.clone() for i, v in state.v.items()})
+    M, first = state.num_meta, state.num_tokens - len(tokens)  # the slots the decode steps wrote
+    for i in state.k:
+        positions = range(first, state.num_tokens)
+        w = state.window[i]
+        slots = list(positions) if w is None else [M + (p - M) % w for p in positions]
+        snap[f"k{i}"], snap[f"v{i}"] = state.k[i][:, slots].clone(), state.v[i][:, slots].clone()
     return torch.stack(out), snap
 
 
