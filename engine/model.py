@@ -342,6 +342,7 @@ class HymbaForCausalLM(nn.Module):
         if h.is_cuda and self.side_stream is None:
             self.side_stream = torch.cuda.Stream(h.device)
         fast = self.persistent if self.persistent is not None and self.persistent.state is state else None
+        fast = fast if kernels.on_triton(h) else None  # use_triton(False): the twins, every layer
         runs = dict(fast.segments) if fast is not None else {}  # first layer -> end of a run the kernel takes
         if fast is not None:
             fast.begin_step()

@@ -34,6 +34,11 @@ def _on_triton(x: Tensor) -> bool:
     return _use_triton and x.is_cuda
 
 
+def on_triton(x: Tensor) -> bool:
+    """Whether ops on x run the GPU kernels rather than the twins (the persistent decode kernel follows this too)."""
+    return _on_triton(x)
+
+
 def selective_scan(
     u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, dt_bias: Tensor, ssm_state: Tensor,
     valid: Tensor | None = None,
@@ -177,6 +182,7 @@ __all__ = [
     "mlp_gemv",
     "norm_average_gemv",
     "norm_gemv",
+    "on_triton",
     "pick",
     "rms_norm",
     "rms_norm_average",
