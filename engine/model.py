@@ -268,16 +268,16 @@ class HymbaForCausalLM(nn.Module):
         return model
 
     def use_persistent(self, state: DecodeState) -> str | None:
-        """Run decode steps on `state` through the persistent kernel (kernels/persistent_decode.py) where it fits;
-        returns why not otherwise, leaving the Triton path in place."""
-        from kernels import persistent_decode
+        """Run decode steps on `state` through the persistent kernel where it fits (engine/persistent.py); returns
+        why not otherwise, leaving every layer on the per-layer path."""
+        from engine import persistent
 
         self.persistent = None
-        reason = persistent_decode.unsupported(self, state)
+        reason = persistent.unsupported(self, state)
         if reason is None:
             try:
-                self.persistent = persistent_decode.PersistentDecode(self, state)
-            except RuntimeError as e:  # too few multiprocessors, or no NVRTC: the Triton path serves
+                self.persistent = persistent.build(self, state)
+            except RuntimeError as e:  # too few multiprocessors resident, or no NVRTC: the per-layer path serves
                 reason = str(e)
         return reason
 
@@ -345,11 +345,11 @@ class HymbaForCausalLM(nn.Module):
         fast = fast if kernels.on_triton(h) else None  # use_triton(False): the twins, every layer
         runs = dict(fast.segments) if fast is not None else {}  # first layer -> end of a run the kernel takes
         if fast is not None:
-            fast.begin_step()
+            fast.kernel.begin_step()
         layers, i = self.model.layers, 0
         while i < len(layers):
             if i in runs:  # a run of sliding layers, one launch (kernels/persistent_decode.py)
-                fast(h, i, runs[i], indices[i][0], self.cos, self.sin)
+                fast.kernel(h, i, runs[i], indices[i][0], self.cos, self.sin)
                 i = runs[i]
                 continue
             layers[i].decode(h, state, indices, self.cos, self.sin, self.side_stream if h.is_cuda else None)

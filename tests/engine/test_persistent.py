@@ -14,12 +14,31 @@ import torch
 
 from engine.bench import HYMBA_1_5B, random_weights
 from engine.config import HymbaConfig
+from engine.generate import Engine
 from engine.graph import DecodeGraph
 from engine.model import HymbaForCausalLM
+from engine.persistent import segments, unsupported
 from engine.state import DecodeState
 
-pytestmark = pytest.mark.gpu
 MAX_LEN = 1300
+
+
+def test_runs_of_sliding_layers_start_at_a_kv_producer():
+    assert segments(HymbaConfig.from_dict(HYMBA_1_5B)) == [(1, 15), (16, 31)]
+    # no sharing: every layer produces K/V; a run longer than a launch's 32 layers is split
+    config = HymbaConfig.from_dict({**HYMBA_1_5B, "num_hidden_layers": 40, "global_attn_idx": [0],
+                                    "kv_reuse_group": []})  # fmt: skip
+    assert segments(config) == [(1, 33), (33, 40)]
+    # a run whose first sliding layer reads another layer's K/V starts at the next producer
+    config = HymbaConfig.from_dict({**HYMBA_1_5B, "num_hidden_layers": 6, "global_attn_idx": [0, 3],
+                                    "kv_reuse_group": [[1, 2], [4, 5]]})  # fmt: skip
+    assert segments(config) == [(1, 3), (4, 6)]
+
+
+def test_the_cpu_stays_on_the_per_layer_path():
+    engine = Engine.load("tests/data/conformance/hymba-mirror-12L", device="cpu")
+    assert unsupported(engine.model, engine.state) == "the persistent kernel needs a Hopper GPU (sm_90)"
+    assert engine.model.persistent is None and engine.decode_path == "PyTorch twins"
 
 
 def _build(dtype):
@@ -33,7 +52,7 @@ def _build(dtype):
 
 
 @pytest.fixture(scope="module")
-def models():
+def models():  # the GPU tests' models
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the persistent kernel needs a Hopper GPU")
     bf, ref = _build(torch.bfloat16), _build(torch.float32)
@@ -64,6 +83,7 @@ def _err(x, ref):
     return ((x.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("context", [40, 1180], ids=["short", "wrapped"])
 def test_persistent_matches_triton(models, context):
     (model, state), (model32, state32) = models
@@ -72,7 +92,7 @@ def test_persistent_matches_triton(models, context):
     tokens = torch.randint(3, 32001, (24,), device="cuda", generator=g)
     fast = model.persistent
     got, got_state = _steps(model, state, prompt, tokens, fast)
-    assert fast.err.item() == 0, f"a wait gave up: {fast.err.item():#x}"
+    assert fast.kernel.err.item() == 0, f"a wait gave up: {fast.kernel.err.item():#x}"
     triton, triton_state = _steps(model, state, prompt, tokens, None)
     ref, ref_state = _steps(model32, state32, prompt, tokens, None)
     e_fast, e_triton = _err(got, ref), _err(triton, ref)
@@ -84,6 +104,7 @@ def test_persistent_matches_triton(models, context):
         assert ef < 2 * et + 1e-3, (name, ef, et)
 
 
+@pytest.mark.gpu
 def test_graph_replays_the_persistent_step(models):
     (model, state), _ = models
     graph = DecodeGraph(model, state)
@@ -100,4 +121,4 @@ def test_graph_replays_the_persistent_step(models):
             token = out.argmax()
         runs.append(torch.stack(logits))
     assert torch.equal(runs[0], runs[1])
-    assert graph.persistent.err.item() == 0
+    assert graph.persistent.kernel.err.item() == 0
