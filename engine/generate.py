@@ -179,6 +179,11 @@ class Engine:
                     failure = e
             token_id = self._reader.result()
             if token_id == sampling.INVALID_TOKEN_ID:
+                if self._persistent_failed():
+                    raise EngineError(
+                        "the persistent decode kernel could not run all its blocks at once (is another process using "
+                        f"this GPU?); this worker decodes on the per-layer path from now on ({self.decode_path})"
+                    )
                 raise EngineError(f"the model produced non-finite logits at generated token {num_generated - 1}")
             logprob = sampling.token_logprob(scored, token_id, params.logprobs) if params.logprobs is not None else None
 
@@ -212,6 +217,16 @@ class Engine:
                 return
             if has_next and not self.is_pipelined:
                 logits = self._step(token, penalties)
+
+    def _persistent_failed(self) -> bool:
+        """After a step that gave no token: whether the persistent kernel's waits gave up (it then poisons its output,
+        kernels/persistent_decode.cu). If so, decode through a new graph without it from now on."""
+        fast = self.model.persistent
+        if self.graph is None or fast is None or fast.state is not self.state or not fast.kernel.err.item():
+            return False
+        self.graph = DecodeGraph(self.model, self.state, persistent=False)
+        self.decode_path = self.graph.path
+        return True
 
     def _step(self, token: torch.Tensor, penalties: sampling.PenaltyState) -> torch.Tensor:
         penalties.update(token.clamp_min(0))

@@ -865,7 +865,9 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                     const float hv = hloc[t] + v;
                     hloc[t] = hv;
                     st_relaxed64(hw + rb + t, ((unsigned long long)t32 << 32) | __float_as_uint(hv));
-                    if (p == 3 && l == l1 - 1) h_out[rb + t] = hv;
+                    // a wait that gave up (in any block that reads err set) poisons the result: the logits turn
+                    // NaN, the sampler returns no token, and the engine stops using this kernel (engine/generate.py)
+                    if (p == 3 && l == l1 - 1) h_out[rb + t] = ld_poll(err) ? __int_as_float(0x7fc00000) : hv;
                 }
             }
         }

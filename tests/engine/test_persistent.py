@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.api import EngineError, GenerationRequest, SamplingParams
 from engine.bench import HYMBA_1_5B, random_weights
 from engine.config import HymbaConfig
 from engine.generate import Engine
@@ -122,3 +123,23 @@ def test_graph_replays_the_persistent_step(models):
         runs.append(torch.stack(logits))
     assert torch.equal(runs[0], runs[1])
     assert graph.persistent.kernel.err.item() == 0
+
+
+@pytest.mark.gpu
+def test_a_wait_that_gives_up_fails_the_request_and_the_worker_falls_back(tmp_path):
+    """The kernel's waits give up after 200 ms (its blocks could not all run at once) and set err: the step's output
+    is poisoned, the request fails with an EngineError saying why, and the worker decodes on the per-layer path."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the persistent kernel needs a Hopper GPU")
+    from tools.random_checkpoint import main as write_checkpoint
+
+    write_checkpoint([str(tmp_path)])
+    engine = Engine.load(tmp_path, device="cuda", dtype="bfloat16", max_model_len=1100)
+    assert engine.decode_path.startswith("persistent kernel"), engine.decode_path
+    request = GenerationRequest((1, 415, 296), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert len(list(engine.generate(request))) == 8
+    engine.model.persistent.kernel.err.fill_(1)  # as a wait that gave up leaves it
+    with pytest.raises(EngineError, match="could not run all its blocks at once"):
+        list(engine.generate(request))
+    assert engine.decode_path.startswith("Triton (switched off)")
+    assert len(list(engine.generate(request))) == 8
