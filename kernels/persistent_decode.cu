@@ -251,6 +251,7 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
     unsigned* dsz = (unsigned*)(smem + 640);                       // [NDESC] its bytes (the producer's)
     float* red = (float*)(smem + 768);                             // two floats a consumer warp
     float* hloc = (float*)(smem + 896);                            // this block's rows of h (14 at most)
+    unsigned* failed = (unsigned*)(smem + 1008);                   // set by a wait that gave up (see h_out)
     float* part = (float*)(smem + 1024);                           // [64][PST] a stage's row sums
     uint4* xs = (uint4*)(smem + 1024 + PARTB);                     // the operand, bf16, up to I values
     float* xch = (float*)(smem + 1024 + PARTB + 2 * I);            // XCHB: the receive areas, by layer parity
@@ -262,6 +263,8 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
     const unsigned gv = *gen;
     const int hb = (int)((long long)H * b / G), he = (int)((long long)H * (b + 1) / G);
     for (int i = tid; i < he - hb; i += blockDim.x) hloc[i] = h_in[hb + i];
+    if (tid == 0) *failed = ld_poll(err) ? 1u : 0u;  // an earlier step's wait that gave up: every step is poisoned
+#define GIVE_UP(bit) do { atomicOr(err, bit); *failed = 1u; } while (0)
     for (int i = tid; i < (l1 - l0) * (int)sizeof(Layer) / 4; i += blockDim.x)
         ((unsigned*)lay)[i] = ((const unsigned*)(layers + l0))[i];
     const bool r_att = b < ATTB, r_ssm = !r_att && b < ATTB + NSSM;
@@ -405,7 +408,7 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                         for (int q = 0; q < Q; ++q)
                             if (!good[q]) { v[q] = ld_poll(buf0 + src[q]); good[q] = (v[q] & 0xffffu) == want; ok = ok && good[q]; }
                         if (ok) break;
-                        if (gtimer() - tp0 > TIMEOUT_NS) { atomicOr(err, 1u); break; }
+                        if (gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(1u); break; }
                     }
                     #pragma unroll
                     for (int q = 0; q < Q; ++q) if (tid + q * NCONS < nw2) *dst[q] = __uint_as_float(v[q] & 0xffff0000u);
@@ -421,7 +424,7 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                     if (tid == 0) {
                         const unsigned long long t0 = gtimer();
                         while (!mbar_test_cluster(cbr, ((unsigned)li >> 1) & 1u))
-                            if (gtimer() - t0 > TIMEOUT_NS) { atomicOr(err, 2u); break; }
+                            if (gtimer() - t0 > TIMEOUT_NS) { GIVE_UP(2u); break; }
                         mbar_expect_tx(cbr, xbytes);
                     }
                     cons_sync();
@@ -650,7 +653,7 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                                     good[q] = (unsigned)(w >> 32) == t32; v[q] = __uint_as_float((unsigned)w); ok = ok && good[q];
                                 }
                             if (ok) break;
-                            if (gtimer() - tp0 > TIMEOUT_NS) { atomicOr(err, 4u); break; }
+                            if (gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(4u); break; }
                         }
                         float s = 0.f;
                         #pragma unroll
@@ -724,7 +727,7 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                                 ok = ok && good[q];
                             }
                         if (ok) break;
-                        if (gtimer() - tp0 > TIMEOUT_NS) { atomicOr(err, 8u); break; }
+                        if (gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(8u); break; }
                     }
                 }
                 const float* nwl = ly.nw + (p == 2) * H;
@@ -767,7 +770,7 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                             ok = ok && good[q];
                         }
                     if (ok) break;
-                    if (gtimer() - tp0 > TIMEOUT_NS) { atomicOr(err, 16u); break; }
+                    if (gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(16u); break; }
                 }
                 float sa = 0.f, ssm = 0.f;
                 #pragma unroll
@@ -824,7 +827,7 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                             ok = ok && good[q];
                         }
                     if (ok) break;
-                    if (gtimer() - tp0 > TIMEOUT_NS) { atomicOr(err, 32u); break; }
+                    if (gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(32u); break; }
                 }
                 #pragma unroll
                 for (int q = 0; q < Q; ++q) {
@@ -865,9 +868,10 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                     const float hv = hloc[t] + v;
                     hloc[t] = hv;
                     st_relaxed64(hw + rb + t, ((unsigned long long)t32 << 32) | __float_as_uint(hv));
-                    // a wait that gave up (in any block that reads err set) poisons the result: the logits turn
-                    // NaN, the sampler returns no token, and the engine stops using this kernel (engine/generate.py)
-                    if (p == 3 && l == l1 - 1) h_out[rb + t] = ld_poll(err) ? __int_as_float(0x7fc00000) : hv;
+                    // a wait of this block that gave up, now or in an earlier step, poisons its rows of the result:
+                    // the logits turn NaN, the sampler returns no token, and the engine stops using this kernel
+                    // (engine/generate.py)
+                    if (p == 3 && l == l1 - 1) h_out[rb + t] = *failed ? __int_as_float(0x7fc00000) : hv;
                 }
             }
         }
