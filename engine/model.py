@@ -277,8 +277,8 @@ class HymbaForCausalLM(nn.Module):
         if reason is None:
             try:
                 self.persistent = persistent.build(self, state)
-            except RuntimeError as e:  # too few multiprocessors resident, or no NVRTC: the per-layer path serves
-                reason = str(e)
+            except Exception as e:  # too few multiprocessors, no NVRTC, a torch without its helpers: the per-layer
+                reason = f"the persistent kernel did not build: {type(e).__name__}: {e}"  # path serves, and says why
         return reason
 
     @property
