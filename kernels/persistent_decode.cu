@@ -131,8 +131,8 @@ __device__ __forceinline__ float bf2f(bf16_t v) { return __uint_as_float((unsign
 __device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
 
 
-// One warp sums R weight rows (a stage) against the operand (version 13's unit): lane-strided 16-byte chunks, fp32
-// accumulation; the slot is released once every lane has read it, then the sums meet across lanes.
+// One warp sums R weight rows (a stage) against the operand (PERFORMANCE.md version 13's unit): lane-strided 16-byte
+// chunks, fp32 accumulation; the slot is released once every lane has read it, then the sums meet across lanes.
 template <int R, int c4>
 __device__ __forceinline__ void unit_dot(const uint4* W, const uint4* X, int lane, unsigned ebar, float* out) {
     constexpr bool POW2 = R == 1 || R == 2 || R == 4 || R == 8;
