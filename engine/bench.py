@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     state = DecodeState(config, max_model_len, device, dtype)
     model.prefill_meta_tokens(state)
     plain = DecodeGraph(model, state, persistent=False)  # the in-run peer: every layer on the Triton path
-    graph = DecodeGraph(model, state)  # as served: the sliding layers through the persistent kernel where it fits
+    graph = DecodeGraph(model, state)  # as served: the layers through the persistent kernel where it fits
     served = Prefill(model, state)  # the prompt's chunks replayed from CUDA graphs
 
     result = {

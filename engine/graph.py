@@ -37,7 +37,7 @@ PREFILL_GRAPH_CHUNKS = 8  # chunks with graphs: 16k prompt tokens; each costs it
 class DecodeGraph:
     def __init__(self, model: HymbaForCausalLM, state: DecodeState, warmup_steps: int = 2, persistent: bool = True):
         """Compile the kernels (warm-up steps on a side stream), then capture. Leaves the state reset. persistent:
-        run the sliding layers through the persistent kernel where it fits (model.use_persistent); `path` says
+        run the layers through the persistent kernel where it fits (model.use_persistent); `path` says
         which decode path the graph holds."""
         device = state.pos.device
         assert device.type == "cuda", "CUDA graphs need a CUDA device"
@@ -47,8 +47,9 @@ class DecodeGraph:
         reason = model.use_persistent(state) if persistent else "switched off"
         self.persistent = model.persistent  # the graph's launches point into its buffers: keep them alive
         if reason is None:
-            runs = ", ".join(f"{a}-{b - 1}" for a, b in model.persistent.segments)
-            self.path = f"persistent kernel for layers {runs}, Triton for the rest"
+            runs = model.persistent.segments
+            rest = "" if runs[0][0] == 0 else ", Triton for the rest"
+            self.path = f"persistent kernel for layers {', '.join(f'{a}-{b - 1}' for a, b in runs)}{rest}"
         else:
             self.path = f"Triton ({reason})"
         self.token = torch.zeros(1, dtype=torch.int64, device=device)  # the graph's input

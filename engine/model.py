@@ -348,8 +348,8 @@ class HymbaForCausalLM(nn.Module):
             fast.kernel.begin_step()
         layers, i = self.model.layers, 0
         while i < len(layers):
-            if i in runs:  # a run of sliding layers, one launch (kernels/persistent_decode.py)
-                fast.kernel(h, i, runs[i], indices[i][0], self.cos, self.sin)
+            if i in runs:  # a run of layers, one launch (kernels/persistent_decode.py)
+                fast.kernel(h, i, runs[i], indices[fast.sliding][0], indices[fast.glob][0], self.cos, self.sin)
                 i = runs[i]
                 continue
             layers[i].decode(h, state, indices, self.cos, self.sin, self.side_stream if h.is_cuda else None)

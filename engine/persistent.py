@@ -1,9 +1,8 @@
 """Which of a decode step's layers the persistent kernel takes (kernels/persistent_decode.py), and their tensors.
 
-It takes each run of consecutive sliding-window layers that starts with a KV producer (in Hymba-1.5B: 1-14 and
-16-30), when the model has the shapes compiled into it, bf16 weights on a Hopper GPU, and sliding buffers holding
-the whole window (max_model_len >= the window). The global layers, and everything else, stay on the per-layer
-path (HymbaLayer.decode)."""
+It takes every layer from the first KV producer on, in runs of at most 32 (Hymba-1.5B: all 32 layers in one launch),
+when the model has the shapes compiled into it, bf16 weights on a Hopper GPU, and sliding buffers holding the whole
+window (max_model_len >= the window). Anything else stays on the per-layer path (HymbaLayer.decode)."""
 
 from __future__ import annotations
 
@@ -17,11 +16,15 @@ from kernels.persistent_decode import MAXL, SHAPES, LayerTensors, PersistentDeco
 
 
 class Persistent(NamedTuple):
-    """The kernel bound to one model and one DecodeState, and the runs of layers it takes."""
+    """The kernel bound to one model and one DecodeState, the runs of layers it takes, and a sliding and a global KV
+    producer (whose rows of the step's decode indices it reads; either stands for the other when a model has only
+    one kind)."""
 
     kernel: PersistentDecode
     state: DecodeState
     segments: list[tuple[int, int]]
+    sliding: int
+    glob: int
 
 
 def unsupported(model, state: DecodeState) -> str | None:
@@ -39,31 +42,36 @@ def unsupported(model, state: DecodeState) -> str | None:
         return "the persistent kernel is built for a SwiGLU MLP, a conv bias, the SSM's inner norms, no proj biases"
     if not c.rope:
         return "the persistent kernel is built for RoPE"
-    if not segments(c):
-        return "no run of sliding-window layers"
+    try:
+        segments(c)
+    except ValueError as e:
+        return str(e)
     if any(state.k[i].shape[1] != c.num_memory_tokens + c.sliding_window for i, w in state.window.items() if w):
         return "max_model_len is shorter than the sliding window (the kernel's buffers hold the whole window)"
     return None
 
 
 def segments(config: HymbaConfig) -> list[tuple[int, int]]:
-    """The runs [l0, l1) the kernel takes: consecutive sliding layers, each run starting at a KV producer (a
-    consumer's K/V row of this step comes from its producer earlier in the same launch)."""
-    runs, l0 = [], None
-    for i in range(config.num_hidden_layers + 1):
-        sliding = i < config.num_hidden_layers and not config.is_global[i]
-        if sliding and l0 is None and config.kv_producer[i] == i:
-            l0 = i
-        elif not sliding and l0 is not None:
-            runs.extend((a, min(a + MAXL, i)) for a in range(l0, i, MAXL))
-            l0 = None
+    """The runs [l0, l1) the kernel takes: every layer from the first KV producer on, at most MAXL a launch, each run
+    starting at a producer (a consumer's K/V row of this step comes from its producer earlier in the same launch)."""
+    L, producer = config.num_hidden_layers, config.kv_producer
+    runs, l0 = [], next(i for i in range(L) if producer[i] == i)
+    while l0 < L:
+        end = min(l0 + MAXL, L)
+        if end < L:  # the next run must start at a producer
+            starts = [j for j in range(l0 + 1, end + 1) if producer[j] == j]
+            if not starts:
+                raise ValueError(f"layers {l0}-{end}: no KV producer to start a launch at within {MAXL} layers")
+            end = starts[-1]
+        runs.append((l0, end))
+        l0 = end
     return runs
 
 
 def build(model, state: DecodeState) -> Persistent:
     """The kernel bound to this model's layers and this state (check `unsupported` first)."""
-    layers = {}
-    for l0, l1 in segments(model.config):
+    c, layers = model.config, {}
+    for l0, l1 in segments(c):
         for i in range(l0, l1):
             layer = model.model.layers[i]
             m, mlp = layer.mamba, layer.moe.experts[0]
@@ -76,7 +84,9 @@ def build(model, state: DecodeState) -> Persistent:
                 conv_bias=m.conv1d.bias,
                 inner_norms=(m.dt_layernorm.weight, m.B_layernorm.weight, m.C_layernorm.weight),
                 conv_state=state.conv[i], ssm_state=state.ssm[i], k=state.k[m.producer], v=state.v[m.producer],
-                writes_kv=m.is_producer,
+                writes_kv=m.is_producer, is_global=c.is_global[i],
             )  # fmt: skip
-    kernel = PersistentDecode(layers, model.config.num_hidden_layers, state.pos)
-    return Persistent(kernel, state, segments(model.config))
+    kernel = PersistentDecode(layers, c.num_hidden_layers, state.pos)
+    sliding = [i for i, w in state.window.items() if w is not None]
+    glob = [i for i, w in state.window.items() if w is None]
+    return Persistent(kernel, state, segments(c), (sliding or glob)[0], (glob or sliding)[0])

@@ -8,7 +8,8 @@
 // that need them, so no grid barrier ever runs. Between in_proj and out_proj each block has one role:
 //   attention (the first NKV clusters): kv head b / CLN, its keys split over the cluster's ranks: RoPE, scores,
 //     a partial softmax and o = p v over the split, then the partials merged inside the cluster (st.async onto
-//     mbarriers), each rank merging its slice of the head's outputs;
+//     mbarriers), each rank merging its slice of the head's outputs. A global layer's keys come in tiles of KTOT,
+//     each rank's share of a tile one ring stage, with a running softmax across the tiles;
 //   SSM (the next NSSM blocks, CPB channels each): conv update, x_proj's partial sums reduce-scattered inside the
 //     cluster, then crossing the SSM clusters once as tagged words; dt/B/C norms, dt_proj, the state update, the
 //     gate;
@@ -200,6 +201,8 @@ struct Layer {
     bf16_t* vc;            // [NKV][KTOT][DV] values
     int n_in;              // in_proj rows: 8960 with k v, 8000 without
     int kv;                // 1: this layer computes and writes K/V; 0: it reads its producer's, this step's row included
+    int kv_rows;           // the K/V buffer's rows: KTOT for a sliding layer, meta + max_model_len for a global one
+    int glob;              // 1: global attention (keys in tiles of KTOT, idx_g's slot and count), 0: sliding (idx_s's)
 };
 #define LAYB (MAXL * (int)sizeof(Layer))
 #define KEEPB ((DQ + DV) * 2)
@@ -228,7 +231,9 @@ __device__ __forceinline__ unsigned tag32(unsigned gv, int l, int p) { return gv
 #define CS_CW (CS_CS + CPB * 16)
 #define CS_CP (CS_CW + CPB * 16)
 #define CS_NX (CS_CP + CPB * 16)
-#define CS_ATT_BYTES ((CS_V + KMAX * DV * 2 + 127) / 128 * 128)
+#define CS_TK 0                        // an attention block's key tile stage: its rank's keys, then values
+#define CS_TV (KMAX * DQ * 2)
+#define CS_TILE_BYTES ((CS_TV + KMAX * DV * 2 + 127) / 128 * 128)
 #define CS_SSM_BYTES ((CS_NX + XW * 4 + 127) / 128 * 128)
 #define CS_NONE_BYTES ((2 * D * 2 + 127) / 128 * 128)
 
@@ -236,11 +241,13 @@ __device__ __forceinline__ unsigned tag32(unsigned gv, int l, int p) { return gv
 // Scratch (zeroed once; tags keep every word's step and layer): hw [H] residual words, buf0 [8960] in_proj's,
 // buf2 [I] the gated MLP activations, bufm [2 D] attention | SSM outputs, xg [2][SSMC][XW] x_proj's cluster sums.
 // gen: this step's number (a CUDA graph replays the step; engine adds one before each); pos: the position;
-// idx: (slot, filled slots) of the sliding layers' buffers; cos_t, sin_t: [positions][DQ] RoPE tables.
+// idx_s, idx_g: (slot, filled slots) of the sliding and of the global layers' buffers; cos_t, sin_t: [positions][DQ]
+// RoPE tables.
 extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS + 32, 1) persistent_decode(
     const Layer* __restrict__ layers, int l0, int l1, const float* __restrict__ h_in, float* __restrict__ h_out,
     unsigned long long* hw, unsigned* buf0, unsigned* buf2, unsigned* bufm, unsigned long long* xg,
-    const unsigned* gen, const long long* pos, const long long* idx, const float* cos_t, const float* sin_t,
+    const unsigned* gen, const long long* pos, const long long* idx_s, const long long* idx_g, const float* cos_t,
+    const float* sin_t,
     unsigned* err)
 {
     extern __shared__ __align__(128) unsigned char smem[];
@@ -280,6 +287,8 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
     // every peer's mbarriers initialised before anyone stores into them
     asm volatile("barrier.cluster.arrive.release;\n barrier.cluster.wait.acquire;" ::: "memory");
     const int ag = b / CLN, k0 = (int)rank * KMAX, c0 = (b - ATTB) * CPB;
+    // this step's slot and filled-slot count, in the sliding layers' buffers and in the global layers'
+    const int slot_s = (int)idx_s[0], nv_s = (int)idx_s[1], slot_g = (int)idx_g[0], nv_g = (int)idx_g[1];
     if (warp == NWC) {  // the producer: one thread streams every stage of every product, in the consumers' order
         if (lane != 0) return;
         unsigned gu = 0, tailu = 0, flu = 0, head = 0, inflight = 0;
@@ -315,17 +324,27 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
         for (int l = l0; l < l1; ++l) {
             const Layer& ly = lay[l - l0];
             for (int p = 0; p < 4; ++p) {
-                if (p == 1) {  // the chain stage: out_proj's norm weights, and the role's data
-                    const unsigned sz = r_att ? CS_ATT_BYTES : (r_ssm ? CS_SSM_BYTES : CS_NONE_BYTES);
-                    const unsigned tx = 2 * D * 2 + (r_att ? KMAX * (DQ + DV) * 2 : 0)
-                                      + (r_ssm ? CPB * (NS * 8 + 48) + XW * 4 + WXB + DTB : 0);
+                if (p == 1 && r_att) {  // the key tiles: this rank's filled rows of each; then out_proj's norm weights
+                    const int nv = ly.glob ? nv_g : nv_s, ntile = (nv + KTOT - 1) / KTOT;
+                    for (int t = 0; t < ntile; ++t, ++gu) {
+                        const int base = t * KTOT + k0, jv = max(0, min(KMAX, nv - base));
+                        unsigned bar;
+                        const unsigned dst = smem_u32(ring + reserve(CS_TILE_BYTES, jv * (DQ + DV) * 2, bar));
+                        if (jv > 0) {
+                            const unsigned long long row = (unsigned long long)ag * ly.kv_rows + base;
+                            bulk_copy(dst + CS_TK, ly.kc + row * DQ, jv * DQ * 2, bar);
+                            bulk_copy(dst + CS_TV, ly.vc + row * DV, jv * DV * 2, bar);
+                        }
+                    }
+                    unsigned bar;
+                    bulk_copy(smem_u32(ring + reserve(CS_NONE_BYTES, 2 * D * 2, bar)) + CS_NAV, ly.nav, 2 * D * 2, bar);
+                    ++gu;
+                } else if (p == 1) {  // the chain stage: out_proj's norm weights, and the role's data
+                    const unsigned sz = r_ssm ? CS_SSM_BYTES : CS_NONE_BYTES;
+                    const unsigned tx = 2 * D * 2 + (r_ssm ? CPB * (NS * 8 + 48) + XW * 4 + WXB + DTB : 0);
                     unsigned bar;
                     const unsigned dst = smem_u32(ring + reserve(sz, tx, bar));
                     bulk_copy(dst + CS_NAV, ly.nav, 2 * D * 2, bar);
-                    if (r_att) {
-                        bulk_copy(dst + CS_K, ly.kc + ((unsigned long long)ag * KTOT + k0) * DQ, KMAX * DQ * 2, bar);
-                        bulk_copy(dst + CS_V, ly.vc + ((unsigned long long)ag * KTOT + k0) * DV, KMAX * DV * 2, bar);
-                    }
                     if (r_ssm) {
                         bulk_copy(dst + CS_WX, ly.wxT + (unsigned long long)c0 * XWP, CPB * XWP * 2, bar);
                         bulk_copy(dst + CS_DT, ly.dtp + (unsigned long long)c0 * RDTP, CPB * RDTP * 2, bar);
@@ -359,7 +378,6 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
     }
     unsigned gu = 0;
     const long long ps = *pos;
-    const int slot = (int)idx[0], nvalid = (int)idx[1];
     const float rcos = cos_t[ps * DQ + lane], rsin = sin_t[ps * DQ + lane];  // this position's tables, a pair a lane
     unsigned chd = 0;  // the chain stage's descriptor, released after out_proj's staging
     for (int l = l0; l < l1; ++l) {
@@ -413,10 +431,13 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                     #pragma unroll
                     for (int q = 0; q < Q; ++q) if (tid + q * NCONS < nw2) *dst[q] = __uint_as_float(v[q] & 0xffff0000u);
                 }
-                chd = gu % NDESC;
-                mbar_wait(smem_u32(full + chd), (gu / NDESC) & 1);
-                const unsigned char* cs = ring + doff[chd];
-                ++gu;
+                const unsigned char* cs = ring;  // the chain stage (attention blocks wait for their tiles below)
+                if (!r_att) {
+                    chd = gu % NDESC;
+                    mbar_wait(smem_u32(full + chd), (gu / NDESC) & 1);
+                    cs = ring + doff[chd];
+                    ++gu;
+                }
                 cons_sync();
                 // waits for this layer's exchange on cbar, then arms it for the launch's layer li + 2 (the peers
                 // cannot be two layers ahead: every layer's products need this block)
@@ -430,140 +451,173 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                     cons_sync();
                 };
                 if (r_att) {
-                    // RoPE; the slot's owner puts this step's key and value (rounded as the cache keeps them) into
-                    // its staged rows, so that the loops below need no special case. A KV-producing layer computes
-                    // them and writes them to the cache and to keep; a consumer takes them from keep.
-                    const bool own = slot >= k0 && slot < k0 + KMAX;
-                    bf16_t* kst = (bf16_t*)(cs + CS_K);
-                    bf16_t* vst = (bf16_t*)(cs + CS_V);
+                    // RoPE on the 5 q heads and (a KV-producing layer) the step's key. Then the key tiles, each with
+                    // a running softmax: scores over the tile's filled rows (the rest -inf), the running max and sum
+                    // rescaled, o += p v (registers of warps 0-3, a quarter of the rows each). The slot's owner puts
+                    // this step's key and value (rounded as the cache keeps them) into its staged rows of the tile
+                    // that holds the slot: a KV-producing layer computes them and writes them to the cache (and, if
+                    // sliding, to keep); a consumer takes them from keep.
+                    const int slot = ly.glob ? slot_g : slot_s, nv = ly.glob ? nv_g : nv_s;
+                    const int ntile = (nv + KTOT - 1) / KTOT;
                     float* scT = sc;
                     float* red8 = ml + 16;             // [2][NWC][8] the softmax's partial maxima and sums
-                    if (tid < GQ * 32 + 32) {
-                        const bool is_q = tid < GQ * 32;
-                        if (is_q || ly.kv) {
-                            float* r = is_q ? qs + (tid / 32) * DQ : kn;
-                            const int i = tid % 32;
-                            const float a = r[i], c = r[i + 32];
-                            r[i] = bfr(a * rcos - c * rsin); r[i + 32] = bfr(c * rcos + a * rsin);
-                            if (!is_q && own) {  // the key: into the staged rows, the cache and keep
-                                bf16_t* kcl = ly.kc + ((unsigned long long)ag * KTOT + slot) * DQ;
-                                const bf16_t k1 = (bf16_t)bf16_bits(r[i]), k2 = (bf16_t)bf16_bits(r[i + 32]);
-                                kst[(slot - k0) * DQ + i] = k1; kst[(slot - k0) * DQ + i + 32] = k2;
-                                kcl[i] = k1; kcl[i + 32] = k2;
-                                keep[i] = k1; keep[i + 32] = k2;
-                            }
-                        } else if (own) {
-                            const int i = tid % 32;
-                            kst[(slot - k0) * DQ + i] = keep[i]; kst[(slot - k0) * DQ + i + 32] = keep[i + 32];
-                        }
-                    } else if (own && tid < GQ * 32 + 64) {  // the value: the same
-                        const int i = tid - (GQ * 32 + 32);
-                        if (ly.kv) {
-                            bf16_t* vcl = ly.vc + ((unsigned long long)ag * KTOT + slot) * DV;
-                            #pragma unroll
-                            for (int k = 0; k < 4; ++k) {
-                                const bf16_t v = (bf16_t)bf16_bits(vn[4 * i + k]);
-                                vst[(slot - k0) * DV + 4 * i + k] = v; vcl[4 * i + k] = v; keep[DQ + 4 * i + k] = v;
-                            }
-                        } else {
-                            #pragma unroll
-                            for (int k = 0; k < 4; ++k) vst[(slot - k0) * DV + 4 * i + k] = keep[DQ + 4 * i + k];
-                        }
+                    float* mr = red8 + 2 * NWC * 8;    // [GQ] the running max, [GQ] sum, [GQ] this tile's rescale
+                    float* lr = mr + 8;
+                    float* scl = lr + 8;
+                    if (tid < GQ * 32 + 32 && (tid < GQ * 32 || ly.kv)) {
+                        float* r = tid < GQ * 32 ? qs + (tid / 32) * DQ : kn;
+                        const int i = tid % 32;
+                        const float a = r[i], c = r[i + 32];
+                        r[i] = bfr(a * rcos - c * rsin); r[i + 32] = bfr(c * rcos + a * rsin);
                     }
-                    cons_sync();
-                    // scores: 8 lanes a key, 16 bytes of its row each (a quarter-warp reads one whole row: no bank
-                    // conflicts), this lane's 8 dimensions of the 5 q heads held in registers. Slots not filled yet
-                    // (a context shorter than the window) score -inf.
-                    {
-                        const int sub = lane & 7, kw = lane >> 3;
-                        float qr[GQ][8];
-                        #pragma unroll
-                        for (int hh = 0; hh < GQ; ++hh) {
-                            const float4 a = *(const float4*)(qs + hh * DQ + sub * 8), c = *(const float4*)(qs + hh * DQ + sub * 8 + 4);
-                            qr[hh][0] = a.x; qr[hh][1] = a.y; qr[hh][2] = a.z; qr[hh][3] = a.w;
-                            qr[hh][4] = c.x; qr[hh][5] = c.y; qr[hh][6] = c.z; qr[hh][7] = c.w;
+                    if (tid < GQ) { mr[tid] = -__int_as_float(0x7f800000); lr[tid] = 0.f; }
+                    // o's running partial sums, a quarter of each tile's rows a warp: warp 0's in ob, warps 1-3's in
+                    // the current tile's key rows (dead once its scores are taken; the tile before is released
+                    // once they are carried over), so that no registers hold them through the scores
+                    unsigned tile_d = 0, prev_d = 0;
+                    const unsigned char* prev_ts = ring;
+                    for (int t = 0; t < ntile; ++t) {
+                        tile_d = gu % NDESC;
+                        mbar_wait(smem_u32(full + tile_d), (gu / NDESC) & 1);
+                        ++gu;
+                        const unsigned char* ts = ring + doff[tile_d];
+                        const int base = t * KTOT + k0, jv = max(0, min(KMAX, nv - base));
+                        cons_sync();  // RoPE done (t = 0); the previous tile's p v done with scT
+                        if (slot >= base && slot < base + KMAX) {
+                            bf16_t* kst = (bf16_t*)(ts + CS_TK) + (slot - base) * DQ;
+                            bf16_t* vst = (bf16_t*)(ts + CS_TV) + (slot - base) * DV;
+                            if (tid >= GQ * 32 && tid < GQ * 32 + 32) {  // the key
+                                const int i = tid - GQ * 32;
+                                if (ly.kv) {
+                                    bf16_t* kcl = ly.kc + ((unsigned long long)ag * ly.kv_rows + slot) * DQ;
+                                    const bf16_t k1 = (bf16_t)bf16_bits(kn[i]), k2 = (bf16_t)bf16_bits(kn[i + 32]);
+                                    kst[i] = k1; kst[i + 32] = k2; kcl[i] = k1; kcl[i + 32] = k2;
+                                    if (!ly.glob) { keep[i] = k1; keep[i + 32] = k2; }
+                                } else { kst[i] = keep[i]; kst[i + 32] = keep[i + 32]; }
+                            } else if (tid >= GQ * 32 + 32 && tid < GQ * 32 + 64) {  // the value
+                                const int i = tid - (GQ * 32 + 32);
+                                if (ly.kv) {
+                                    bf16_t* vcl = ly.vc + ((unsigned long long)ag * ly.kv_rows + slot) * DV;
+                                    #pragma unroll
+                                    for (int k = 0; k < 4; ++k) {
+                                        const bf16_t v = (bf16_t)bf16_bits(vn[4 * i + k]);
+                                        vst[4 * i + k] = v; vcl[4 * i + k] = v;
+                                        if (!ly.glob) keep[DQ + 4 * i + k] = v;
+                                    }
+                                } else {
+                                    #pragma unroll
+                                    for (int k = 0; k < 4; ++k) vst[4 * i + k] = keep[DQ + 4 * i + k];
+                                }
+                            }
+                            cons_sync();
                         }
-                        for (int j0 = warp * 4; j0 < KMAX; j0 += NWC * 4) {
-                            const int j = j0 + kw;
-                            float s[GQ];
+                        // scores: 8 lanes a key, 16 bytes of its row each (a quarter-warp reads one whole row: no
+                        // bank conflicts), this lane's 8 dimensions of the 5 q heads held in registers
+                        {
+                            const int sub = lane & 7, kw = lane >> 3;
+                            float qr[GQ][8];
                             #pragma unroll
-                            for (int hh = 0; hh < GQ; ++hh) s[hh] = 0.f;
-                            if (j < KMAX) {
-                                const uint4 w = ((const uint4*)(cs + CS_K))[j * (DQ / 8) + sub];
-                                const float k8[8] = {__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u),
-                                                     __uint_as_float(w.y << 16), __uint_as_float(w.y & 0xffff0000u),
-                                                     __uint_as_float(w.z << 16), __uint_as_float(w.z & 0xffff0000u),
-                                                     __uint_as_float(w.w << 16), __uint_as_float(w.w & 0xffff0000u)};
+                            for (int hh = 0; hh < GQ; ++hh) {
+                                const float4 a = *(const float4*)(qs + hh * DQ + sub * 8), c = *(const float4*)(qs + hh * DQ + sub * 8 + 4);
+                                qr[hh][0] = a.x; qr[hh][1] = a.y; qr[hh][2] = a.z; qr[hh][3] = a.w;
+                                qr[hh][4] = c.x; qr[hh][5] = c.y; qr[hh][6] = c.z; qr[hh][7] = c.w;
+                            }
+                            for (int j0 = warp * 4; j0 < KMAX; j0 += NWC * 4) {
+                                const int j = j0 + kw;
+                                float s[GQ];
+                                #pragma unroll
+                                for (int hh = 0; hh < GQ; ++hh) s[hh] = 0.f;
+                                if (j < jv) {
+                                    const uint4 w = ((const uint4*)(ts + CS_TK))[j * (DQ / 8) + sub];
+                                    const float k8[8] = {__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u),
+                                                         __uint_as_float(w.y << 16), __uint_as_float(w.y & 0xffff0000u),
+                                                         __uint_as_float(w.z << 16), __uint_as_float(w.z & 0xffff0000u),
+                                                         __uint_as_float(w.w << 16), __uint_as_float(w.w & 0xffff0000u)};
+                                    #pragma unroll
+                                    for (int hh = 0; hh < GQ; ++hh)
+                                        #pragma unroll
+                                        for (int d = 0; d < 8; ++d) s[hh] = fmaf(qr[hh][d], k8[d], s[hh]);
+                                }
+                                #pragma unroll
+                                for (int hh = 0; hh < GQ; ++hh) {
+                                    s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], 1);
+                                    s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], 2);
+                                    s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], 4);
+                                }
+                                if (j < KMAX && sub < GQ) {
+                                    const float v = sub == 0 ? s[0] : sub == 1 ? s[1] : sub == 2 ? s[2] : sub == 3 ? s[3] : s[4];
+                                    scT[j * 8 + sub] = j < jv ? v * 0.125f : -__int_as_float(0x7f800000);
+                                }
+                            }
+                        }
+                        cons_sync();
+                        // the tile's max per head over all consumer threads (a thread's entries t, t + NCONS, ...
+                        // share head t % 8), the running max, p = exp(score - max), the sums; a head with no filled
+                        // row yet keeps max -inf and p = 0 (never inf - inf)
+                        {
+                            const int hh = tid & 7;
+                            float m = -__int_as_float(0x7f800000);
+                            for (int e = tid; e < KMAX * 8; e += NCONS) m = fmaxf(m, scT[e]);
+                            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+                            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+                            if (lane < 8) red8[warp * 8 + lane] = m;
+                            cons_sync();
+                            float M = hh < GQ ? mr[hh] : 0.f;
+                            #pragma unroll
+                            for (int w = 0; w < NWC; ++w) M = fmaxf(M, red8[w * 8 + hh]);
+                            const float Mx = M == -__int_as_float(0x7f800000) ? 0.f : M;
+                            float sum = 0.f;
+                            for (int e = tid; e < KMAX * 8; e += NCONS) { const float p = __expf(scT[e] - Mx); scT[e] = p; sum += p; }
+                            sum += __shfl_xor_sync(0xffffffffu, sum, 8);
+                            sum += __shfl_xor_sync(0xffffffffu, sum, 16);
+                            if (lane < 8) red8[NWC * 8 + warp * 8 + lane] = sum;
+                            cons_sync();
+                            if (tid < GQ) {
+                                float L = 0.f;
+                                #pragma unroll
+                                for (int w = 0; w < NWC; ++w) L += red8[NWC * 8 + w * 8 + tid];
+                                const float f = __expf(mr[tid] - Mx);  // 0 while the running max is -inf
+                                scl[tid] = f; lr[tid] = lr[tid] * f + L; mr[tid] = M;
+                            }
+                            cons_sync();
+                        }
+                        // o = o * rescale + p v: warp w < 4 takes a quarter of the rows, a lane 4 dimensions of all
+                        // 5 heads
+                        if (warp < 4) {
+                            float o[GQ][4];
+                            float* mine = warp == 0 ? ob : (float*)(ts + CS_TK) + (warp - 1) * GQ * DV;
+                            const float* was = warp == 0 ? ob : (const float*)(prev_ts + CS_TK) + (warp - 1) * GQ * DV;
+                            #pragma unroll
+                            for (int hh = 0; hh < GQ; ++hh) {
+                                const float f = scl[hh];
+                                const float4 w = t > 0 ? *(const float4*)(was + hh * DV + 4 * lane) : make_float4(0.f, 0.f, 0.f, 0.f);
+                                o[hh][0] = w.x * f; o[hh][1] = w.y * f; o[hh][2] = w.z * f; o[hh][3] = w.w * f;
+                            }
+                            const int je = min((warp + 1) * (KMAX / 4), jv);
+                            #pragma unroll 4
+                            for (int j = warp * (KMAX / 4); j < je; ++j) {
+                                const uint2 v = ((const uint2*)(ts + CS_TV))[j * (DV / 4) + lane];
+                                const float4 p0 = *(const float4*)(scT + j * 8), p1 = *(const float4*)(scT + j * 8 + 4);
+                                const float vf[4] = {__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xffff0000u),
+                                                     __uint_as_float(v.y << 16), __uint_as_float(v.y & 0xffff0000u)};
+                                const float pp[GQ] = {p0.x, p0.y, p0.z, p0.w, p1.x};
                                 #pragma unroll
                                 for (int hh = 0; hh < GQ; ++hh)
                                     #pragma unroll
-                                    for (int d = 0; d < 8; ++d) s[hh] = fmaf(qr[hh][d], k8[d], s[hh]);
+                                    for (int k = 0; k < 4; ++k) o[hh][k] = fmaf(pp[hh], vf[k], o[hh][k]);
                             }
                             #pragma unroll
-                            for (int hh = 0; hh < GQ; ++hh) {
-                                s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], 1);
-                                s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], 2);
-                                s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], 4);
-                            }
-                            if (j < KMAX && sub < GQ) {
-                                const float v = sub == 0 ? s[0] : sub == 1 ? s[1] : sub == 2 ? s[2] : sub == 3 ? s[3] : s[4];
-                                scT[j * 8 + sub] = k0 + j < nvalid ? v * 0.125f : -__int_as_float(0x7f800000);
-                            }
+                            for (int hh = 0; hh < GQ; ++hh) *(float4*)(mine + hh * DV + 4 * lane) = make_float4(o[hh][0], o[hh][1], o[hh][2], o[hh][3]);
                         }
-                    }
-                    cons_sync();
-                    // softmax partials over all the consumer threads: a thread's entries (t, t + NCONS, ...) share
-                    // head t % 8. A split with no filled slot keeps m = -inf and p = 0 (never inf - inf).
-                    {
-                        const int hh = tid & 7;
-                        float m = -__int_as_float(0x7f800000);
-                        for (int e = tid; e < KMAX * 8; e += NCONS) m = fmaxf(m, scT[e]);
-                        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
-                        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
-                        if (lane < 8) red8[warp * 8 + lane] = m;
-                        cons_sync();
-                        float M = -__int_as_float(0x7f800000);
-                        #pragma unroll
-                        for (int w = 0; w < NWC; ++w) M = fmaxf(M, red8[w * 8 + hh]);
-                        const float Mx = M == -__int_as_float(0x7f800000) ? 0.f : M;
-                        float sum = 0.f;
-                        for (int e = tid; e < KMAX * 8; e += NCONS) { const float p = __expf(scT[e] - Mx); scT[e] = p; sum += p; }
-                        sum += __shfl_xor_sync(0xffffffffu, sum, 8);
-                        sum += __shfl_xor_sync(0xffffffffu, sum, 16);
-                        if (lane < 8) red8[NWC * 8 + warp * 8 + lane] = sum;
-                        if (tid < GQ) ml[tid] = M;
-                        cons_sync();
-                        if (tid < GQ) {
-                            float L = 0.f;
-                            #pragma unroll
-                            for (int w = 0; w < NWC; ++w) L += red8[NWC * 8 + w * 8 + tid];
-                            ml[GQ + tid] = L;
-                        } else if (tid < GQ + 2) ml[tid + GQ] = 0.f;
-                    }
-                    // o = p v: warp w < 4 takes a quarter of the keys, a lane 4 dimensions of all 5 heads; the
-                    // quarters' sums go to ob and (the key rows being dead now) the staged keys' space
-                    if (warp < 4) {
-                        float o[GQ][4];
-                        #pragma unroll
-                        for (int hh = 0; hh < GQ; ++hh)
-                            #pragma unroll
-                            for (int k = 0; k < 4; ++k) o[hh][k] = 0.f;
-                        #pragma unroll 4
-                        for (int j = warp * (KMAX / 4); j < (warp + 1) * (KMAX / 4); ++j) {
-                            const uint2 v = ((const uint2*)(cs + CS_V))[j * (DV / 4) + lane];
-                            const float4 p0 = *(const float4*)(scT + j * 8), p1 = *(const float4*)(scT + j * 8 + 4);
-                            const float vf[4] = {__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xffff0000u),
-                                                 __uint_as_float(v.y << 16), __uint_as_float(v.y & 0xffff0000u)};
-                            const float pp[GQ] = {p0.x, p0.y, p0.z, p0.w, p1.x};
-                            #pragma unroll
-                            for (int hh = 0; hh < GQ; ++hh)
-                                #pragma unroll
-                                for (int k = 0; k < 4; ++k) o[hh][k] = fmaf(pp[hh], vf[k], o[hh][k]);
+                        if (t > 0) {  // the tile before: its rows are carried over, its stage goes back to the ring
+                            cons_sync();
+                            if (tid == 0) mbar_arrive(smem_u32(empty + prev_d));
                         }
-                        float* dst = warp == 0 ? ob : (float*)(cs + CS_K) + (warp - 1) * GQ * DV;
-                        #pragma unroll
-                        for (int hh = 0; hh < GQ; ++hh) *(float4*)(dst + hh * DV + 4 * lane) = make_float4(o[hh][0], o[hh][1], o[hh][2], o[hh][3]);
+                        prev_d = tile_d; prev_ts = ts;
                     }
+                    const unsigned char* ts = prev_ts;  // the last tile: its key rows hold warps 1-3's sums
+                    if (tid < GQ) { ml[tid] = mr[tid]; ml[GQ + tid] = lr[tid]; }
+                    else if (tid < GQ + 2) ml[tid + GQ] = 0.f;
                     cons_sync();
                     // to each rank: m, l and the slice of o it merges
                     constexpr int NV4 = XREC / 4;
@@ -573,14 +627,19 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                         if (k < 3) v = *(const float4*)(ml + 4 * k);
                         else {
                             const int e = peer * NM + 4 * (k - 3);
-                            const float* pk = (const float*)(cs + CS_K);
+                            const float* pk = (const float*)(ts + CS_TK);
                             const float4 a = *(const float4*)(ob + e), b1 = *(const float4*)(pk + e),
                                          b2 = *(const float4*)(pk + GQ * DV + e), b3 = *(const float4*)(pk + 2 * GQ * DV + e);
                             v = make_float4(a.x + b1.x + b2.x + b3.x, a.y + b1.y + b2.y + b3.y, a.z + b1.z + b2.z + b3.z, a.w + b1.w + b2.w + b3.w);
                         }
                         st_async_v4(mapa(smem_u32(xr + rank * XREC + 4 * k), peer), v, mapa(cbr, peer));
                     }
-                    cluster_wait();
+                    cluster_wait();  // (its barrier also ends the reads of the last tile, which goes back to the ring)
+                    if (tid == 0) mbar_arrive(smem_u32(empty + tile_d));
+                    // out_proj's norm weights: the stage after the tiles
+                    chd = gu % NDESC;
+                    mbar_wait(smem_u32(full + chd), (gu / NDESC) & 1);
+                    ++gu;
                     // merge the CLN partial softmaxes of this rank's NM outputs
                     if (tid < NM) {
                         const int e = rank * NM + tid, hh = e / DV;

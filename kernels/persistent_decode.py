@@ -1,4 +1,4 @@
-"""A decode step's runs of sliding-window layers, each as one persistent launch (CUDA C++, Hopper; Hymba-1.5B's shapes).
+"""A decode step's layers as one persistent launch (CUDA C++, Hopper; Hymba-1.5B's shapes).
 
 kernels/persistent_decode.cu holds the kernel and says how it works (PERFORMANCE.md versions 13-19 say why it is
 built so). This module lays out what it reads (the chains' small weights repacked once; the products' weights, and
@@ -42,7 +42,7 @@ THREADS = 12 * 32  # 11 consumer warps and the producer warp
 SMEM_MAX = 232448  # 227 KB a block on the H100
 PARTB = 64 * 16 * 4
 XCHB = (2 * CLN * (12 + GQ * DV // CLN) * 4 + 127) // 128 * 128
-LAYER_WORDS = 18  # sizeof(Layer) / 8: 17 pointers, then n_in and kv as two int32
+LAYER_WORDS = 19  # sizeof(Layer) / 8: 17 pointers, then n_in, kv, kv_rows and glob as int32
 HEAD = 1024 + PARTB + 2 * SHAPES["intermediate_size"] + XCHB + MAXL * LAYER_WORDS * 8 + 384
 XWP, RDTP = 136, 104  # padded x_proj and dt_proj rows
 
@@ -100,6 +100,7 @@ class LayerTensors(NamedTuple):
     k: Tensor  # (Hk, meta + window, dq) the KV producer's buffer
     v: Tensor  # (Hk, meta + window, dv)
     writes_kv: bool  # a KV producer (else it reads its producer's buffer, this step's row included)
+    is_global: bool  # global attention: k, v hold meta + max_model_len rows, read in tiles of meta + window
 
 
 class PersistentDecode:
@@ -139,7 +140,9 @@ class PersistentDecode:
         assert t.in_proj.shape == (SHAPES["hidden_size"] + (5 * (dq + dv) if t.writes_kv else 0) + 2 * D, H)
         assert t.conv_state.shape == (D, 3) and t.conv_state.stride() == (4, 1) and t.conv_state.dtype == f32
         assert t.ssm_state.shape == (D, N) and t.ssm_state.is_contiguous() and t.ssm_state.dtype == f32
-        assert t.k.shape == (NKV, keys, dq) and t.v.shape == (NKV, keys, dv) and t.k.dtype == t.v.dtype == bf
+        rows = t.k.shape[1]
+        assert t.k.shape == (NKV, rows, dq) and t.v.shape == (NKV, rows, dv) and t.k.dtype == t.v.dtype == bf
+        assert t.is_global or rows == keys, f"a sliding layer's buffer holds {keys} rows, not {rows}"
         assert t.k.is_contiguous() and t.v.is_contiguous()
 
         def keep(x: Tensor) -> int:
@@ -157,18 +160,21 @@ class PersistentDecode:
                  keep(torch.cat([t.input_norm, t.mlp_norm]).float()), keep(torch.cat(t.avg_norms).to(bf)),
                  keep(wxT), keep(dtp), keep(t.A.float()), keep(cpar), keep(t.conv_weight.float()),
                  keep(torch.cat(t.inner_norms).float()), t.conv_state.data_ptr(), t.ssm_state.data_ptr(),
-                 t.k.data_ptr(), t.v.data_ptr(), t.in_proj.shape[0] | (int(t.writes_kv) << 32)]  # fmt: skip
+                 t.k.data_ptr(), t.v.data_ptr(), t.in_proj.shape[0] | (int(t.writes_kv) << 32),
+                 rows | (int(t.is_global) << 32)]  # fmt: skip
         return torch.tensor(words, dtype=torch.int64)
 
     def begin_step(self) -> None:
         """A new step's number (device work, captured with the step)."""
         self.gen.add_(1)
 
-    def __call__(self, h: Tensor, l0: int, l1: int, slot: Tensor, cos: Tensor, sin: Tensor) -> None:
-        """Layers [l0, l1) on h ((H,) fp32, updated in place) at position pos. slot: the (1,) int64 view of the
-        sliding buffers' slot for this step; the kernel reads the filled-slot count that follows it (the row
-        layout of DecodeState.decode_indices). cos, sin: (positions, dq) fp32 RoPE tables."""
-        assert slot.dtype == torch.int64 and 0 < l1 - l0 <= MAXL and all(i in self.layers for i in range(l0, l1))
+    def __call__(self, h: Tensor, l0: int, l1: int, slot_s: Tensor, slot_g: Tensor, cos: Tensor, sin: Tensor):
+        """Layers [l0, l1) on h ((H,) fp32, updated in place) at position pos. slot_s, slot_g: (1,) int64 views of
+        this step's slot in the sliding and in the global layers' buffers; the kernel reads the filled-slot count
+        that follows each (the row layout of DecodeState.decode_indices). cos, sin: (positions, dq) fp32 RoPE
+        tables."""
+        assert slot_s.dtype == slot_g.dtype == torch.int64 and 0 < l1 - l0 <= MAXL
+        assert all(i in self.layers for i in range(l0, l1))
         args = [self.table, l0, l1, h, h, self.hw, self.buf0, self.buf2, self.bufm, self.xg, self.gen, self.pos,
-                slot, cos, sin, self.err]  # fmt: skip
+                slot_s, slot_g, cos, sin, self.err]  # fmt: skip
         self.kernel(grid=(self.grid, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=self.smem)

@@ -1,17 +1,25 @@
 """kernels/persistent_decode.py against the Triton path it replaces, on an H100 (skipped elsewhere).
 
-Hymba-1.5B's shapes with random weights (engine.bench's). Both bf16 paths are compared with the same steps run in
-fp32 through the Triton kernels: the persistent kernel rounds where the reference model does (every product's
-output to bf16) and the Triton path keeps some of them in fp32, so neither is exact, and the test asks the kernel to
-be about as close to fp32 as the Triton path is. The state it leaves (SSM, conv, and the K/V rows the decode steps
-wrote) is checked the same way, at a short context (unfilled ring slots masked) and past the ring's wrap. A CUDA
-graph of the persistent step must replay it bit for bit."""
+Hymba-1.5B's shapes with random weights (engine.bench's). Two checks of each launch's arithmetic, and one of whole
+generations:
+- One global layer (its keys in 1, 2 and 3 tiles) and one sliding producer-consumer pair, from the same state as the
+  same layers on the Triton path: the layers' contribution to h agrees within bf16 rounding (measured 4-5.5e-3 of
+  it; the bound is 2e-2). A wrong tile, row or mask shows up here at order 1.
+- 24 decode steps of all 32 layers after prompts of 40, 1,180 and 3,000 tokens (unfilled ring slots masked; past
+  the ring's wrap; three key tiles), both bf16 paths against the same steps in fp32. The kernel rounds every
+  product's output to bf16 where the reference model does; the Triton path keeps in_proj's in fp32, so it drifts
+  from fp32 less: the kernel's logits and state (SSM, conv, the K/V rows the steps wrote) must stay within 3 times
+  the Triton path's error (measured up to 2.3 times, the SSM state after 1,180 tokens). A state that is not carried
+  from step to step shows up at order 1.
+- A CUDA graph of the persistent step replays it bit for bit, and a wait that gives up fails the request and
+  leaves the worker on the per-layer path."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import kernels
 from engine.api import EngineError, GenerationRequest, SamplingParams
 from engine.bench import HYMBA_1_5B, random_weights
 from engine.config import HymbaConfig
@@ -21,19 +29,18 @@ from engine.model import HymbaForCausalLM
 from engine.persistent import segments, unsupported
 from engine.state import DecodeState
 
-MAX_LEN = 1300
+MAX_LEN = 3100
 
 
-def test_runs_of_sliding_layers_start_at_a_kv_producer():
-    assert segments(HymbaConfig.from_dict(HYMBA_1_5B)) == [(1, 15), (16, 31)]
-    # no sharing: every layer produces K/V; a run longer than a launch's 32 layers is split
+def test_runs_of_layers_start_at_a_kv_producer():
+    assert segments(HymbaConfig.from_dict(HYMBA_1_5B)) == [(0, 32)]  # every layer, one launch
+    # a model longer than a launch's 32 layers: the next run starts at a producer
     config = HymbaConfig.from_dict({**HYMBA_1_5B, "num_hidden_layers": 40, "global_attn_idx": [0],
                                     "kv_reuse_group": []})  # fmt: skip
-    assert segments(config) == [(1, 33), (33, 40)]
-    # a run whose first sliding layer reads another layer's K/V starts at the next producer
-    config = HymbaConfig.from_dict({**HYMBA_1_5B, "num_hidden_layers": 6, "global_attn_idx": [0, 3],
-                                    "kv_reuse_group": [[1, 2], [4, 5]]})  # fmt: skip
-    assert segments(config) == [(1, 3), (4, 6)]
+    assert segments(config) == [(0, 32), (32, 40)]
+    config = HymbaConfig.from_dict({**HYMBA_1_5B, "num_hidden_layers": 40, "global_attn_idx": [0],
+                                    "kv_reuse_group": [[31, 32]]})  # fmt: skip
+    assert segments(config) == [(0, 31), (31, 40)]
 
 
 def test_the_cpu_stays_on_the_per_layer_path():
@@ -85,7 +92,7 @@ def _err(x, ref):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("context", [40, 1180], ids=["short", "wrapped"])
+@pytest.mark.parametrize("context", [40, 1180, 3000], ids=["short", "wrapped", "three-tiles"])
 def test_persistent_matches_triton(models, context):
     (model, state), (model32, state32) = models
     g = torch.Generator(device="cuda").manual_seed(context)
@@ -98,18 +105,18 @@ def test_persistent_matches_triton(models, context):
     ref, ref_state = _steps(model32, state32, prompt, tokens, None)
     e_fast, e_triton = _err(got, ref), _err(triton, ref)
     print(f"\ncontext {context}: logits against fp32, persistent {e_fast:.3e}, Triton {e_triton:.3e}")
-    assert e_fast < 2 * e_triton + 1e-3, (e_fast, e_triton)
+    assert e_fast < 3 * e_triton + 1e-3, (e_fast, e_triton)
     for name, want in ref_state.items():
         ef, et = _err(got_state[name], want), _err(triton_state[name], want)
         print(f"  {name}: persistent {ef:.3e}, Triton {et:.3e}")
-        assert ef < 2 * et + 1e-3, (name, ef, et)
+        assert ef < 3 * et + 1e-3, (name, ef, et)
 
 
 @pytest.mark.gpu
 def test_graph_replays_the_persistent_step(models):
     (model, state), _ = models
     graph = DecodeGraph(model, state)
-    assert graph.path.startswith("persistent kernel for layers 1-14, 16-30"), graph.path
+    assert graph.path == "persistent kernel for layers 0-31", graph.path
     prompt = torch.tensor([1, 415, 296, 90], device="cuda")
     runs = []
     for step in (model.decode, graph.decode):
@@ -143,3 +150,35 @@ def test_a_wait_that_gives_up_fails_the_request_and_the_worker_falls_back(tmp_pa
         list(engine.generate(request))
     assert engine.decode_path.startswith("Triton (switched off)")
     assert len(list(engine.generate(request))) == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("context", [40, 1180, 3000], ids=["short", "wrapped", "three-tiles"])
+@pytest.mark.parametrize("run", [(0, 1), (1, 3)], ids=["global", "sliding-pair"])
+def test_a_run_of_layers_matches_the_triton_layers(models, context, run):
+    """The kernel on one global layer (its keys in 1-3 tiles) or one sliding producer-consumer pair, against the
+    same layers on the Triton path from the same state: their contribution to h within bf16 rounding."""
+    (model, state), _ = models
+    fast, (l0, l1) = model.persistent, run
+    g = torch.Generator(device="cuda").manual_seed(context)
+    state.reset()
+    model.prefill(torch.randint(3, 32001, (context,), device="cuda", generator=g), state)
+    embed = model.model.embed_tokens.weight
+    h0, idx = kernels.step_inputs(torch.tensor([7], device="cuda"), embed, state.pos, state.groups, state.num_meta)
+    indices = state.decode_indices(idx)
+    saved = (state.conv.clone(), state.ssm.clone(), {i: (k.clone(), state.v[i].clone()) for i, k in state.k.items()})
+    want = h0.clone()
+    for i in range(l0, l1):
+        model.model.layers[i].decode(want, state, indices, model.cos, model.sin)
+    state.conv.copy_(saved[0])
+    state.ssm.copy_(saved[1])
+    for i, (k, v) in saved[2].items():
+        state.k[i].copy_(k)
+        state.v[i].copy_(v)
+    got = h0.clone()
+    fast.kernel.begin_step()
+    fast.kernel(got, l0, l1, indices[fast.sliding][0], indices[fast.glob][0], model.cos, model.sin)
+    err = ((got - want).abs().max() / (want - h0).abs().max()).item()
+    print(f"\nlayers {l0}-{l1 - 1} at {context}: the layers' output within {err:.2e} of the Triton path's")
+    assert fast.kernel.err.item() == 0
+    assert err < 2e-2
