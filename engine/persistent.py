@@ -70,8 +70,8 @@ def segments(config: HymbaConfig) -> list[tuple[int, int]]:
 
 def build(model, state: DecodeState) -> Persistent:
     """The kernel bound to this model's layers and this state (check `unsupported` first)."""
-    c, layers = model.config, {}
-    for l0, l1 in segments(c):
+    c, layers, runs = model.config, {}, segments(model.config)
+    for l0, l1 in runs:
         for i in range(l0, l1):
             layer = model.model.layers[i]
             m, mlp = layer.mamba, layer.moe.experts[0]
@@ -89,4 +89,4 @@ def build(model, state: DecodeState) -> Persistent:
     kernel = PersistentDecode(layers, c.num_hidden_layers, state.pos)
     sliding = [i for i, w in state.window.items() if w is not None]
     glob = [i for i, w in state.window.items() if w is None]
-    return Persistent(kernel, state, segments(c), (sliding or glob)[0], (glob or sliding)[0])
+    return Persistent(kernel, state, runs, (sliding or glob)[0], (glob or sliding)[0])

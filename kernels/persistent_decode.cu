@@ -217,11 +217,10 @@ __device__ __forceinline__ void row_range(int n, int b, int G, int& rb, int& re)
 // a word's tag: the step (gv) and the product (layer l, product p); the low 16 bits go into bf16 words
 __device__ __forceinline__ unsigned tag32(unsigned gv, int l, int p) { return gv * 256u + (unsigned)(l * 4 + p) + 1u; }
 
-// the chain stage in the ring: out_proj's norm weights, then the role's data (each piece 16-byte aligned)
+// the chain stage of an SSM or products-only block: out_proj's norm weights, then the SSM block's data (each piece
+// 16-byte aligned); an attention block's norm weights come as a stage of their own, after its key tiles
 #define CS_NAV 0
-#define CS_K (2 * D * 2)
-#define CS_V (CS_K + KMAX * DQ * 2)
-#define CS_WX CS_K
+#define CS_WX (2 * D * 2)
 #define WXB (CPB * XWP * 2)
 #define DTB (CPB * RDTP * 2)
 #define CS_DT (CS_WX + WXB)

@@ -97,8 +97,8 @@ class LayerTensors(NamedTuple):
     inner_norms: tuple[Tensor, Tensor, Tensor]  # dt (dt_rank,), B (N,), C (N,)
     conv_state: Tensor  # (D, K-1) fp32, rows K floats apart
     ssm_state: Tensor  # (D, N) fp32
-    k: Tensor  # (Hk, meta + window, dq) the KV producer's buffer
-    v: Tensor  # (Hk, meta + window, dv)
+    k: Tensor  # (Hk, rows, dq) the KV producer's buffer: meta + window rows (sliding), meta + max_model_len (global)
+    v: Tensor  # (Hk, rows, dv)
     writes_kv: bool  # a KV producer (else it reads its producer's buffer, this step's row included)
     is_global: bool  # global attention: k, v hold meta + max_model_len rows, read in tiles of meta + window
 
@@ -130,7 +130,7 @@ class PersistentDecode:
         self.err = torch.zeros(1, dtype=torch.int32, device=dev)  # bits set by a wait that gave up
 
     def _words(self, t: LayerTensors, dev) -> Tensor:
-        """The layer's row of the kernel's Layer table (pointers, then n_in and kv)."""
+        """The layer's row of the kernel's Layer table (pointers, then n_in, kv, kv_rows and glob)."""
         bf, f32 = torch.bfloat16, torch.float32
         D, R = t.conv_weight.shape[0], t.dt_proj.shape[1]
         H, N, dq, dv = SHAPES["hidden_size"], SHAPES["mamba_d_state"], SHAPES["head_dim"], SHAPES["v_head_dim"]
