@@ -241,13 +241,13 @@ __device__ __forceinline__ unsigned tag32(unsigned gv, int l, int p) { return gv
 // buf2 [I] the gated MLP activations, bufm [2 D] attention | SSM outputs, xg [2][SSMC][XW] x_proj's cluster sums.
 // gen: this step's number (a CUDA graph replays the step; engine adds one before each); pos: the position;
 // idx_s, idx_g: (slot, filled slots) of the sliding and of the global layers' buffers; cos_t, sin_t: [positions][DQ]
-// RoPE tables.
+// RoPE tables. G: the blocks that share the products, the launch's own (a test names more, as blocks that never run).
 extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS + 32, 1) persistent_decode(
     const Layer* __restrict__ layers, int l0, int l1, const float* __restrict__ h_in, float* __restrict__ h_out,
     unsigned long long* hw, unsigned* buf0, unsigned* buf2, unsigned* bufm, unsigned long long* xg,
     const unsigned* gen, const long long* pos, const long long* idx_s, const long long* idx_g, const float* cos_t,
     const float* sin_t,
-    unsigned* err)
+    unsigned* err, int G)
 {
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned long long* full = (unsigned long long*)smem;          // [NDESC] a stage landed
@@ -265,12 +265,15 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
     bf16_t* keep = (bf16_t*)((unsigned char*)lay + LAYB);          // the slot owner's last K | V row, for consumers
     unsigned char* ring = (unsigned char*)keep + KEEPB;            // RING_BYTES, stages packed by bytes
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int G = gridDim.x, b = blockIdx.x;
+    const int b = blockIdx.x;
     const unsigned gv = *gen;
     const int hb = (int)((long long)H * b / G), he = (int)((long long)H * (b + 1) / G);
     for (int i = tid; i < he - hb; i += blockDim.x) hloc[i] = h_in[hb + i];
     if (tid == 0) *failed = ld_poll(err) ? 1u : 0u;  // an earlier step's wait that gave up: every step is poisoned
 #define GIVE_UP(bit) do { atomicOr(err, bit); *failed = 1u; } while (0)
+// once a wait of this block has given up (or the step started poisoned), its other waits give up at once: the step's
+// result is lost already, and the launch then ends after one timeout, not one for every wait that follows
+#define GAVE_UP (*(volatile unsigned*)failed != 0u)
     for (int i = tid; i < (l1 - l0) * (int)sizeof(Layer) / 4; i += blockDim.x)
         ((unsigned*)lay)[i] = ((const unsigned*)(layers + l0))[i];
     const bool r_att = b < ATTB, r_ssm = !r_att && b < ATTB + NSSM;
@@ -425,7 +428,7 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                         for (int q = 0; q < Q; ++q)
                             if (!good[q]) { v[q] = ld_poll(buf0 + src[q]); good[q] = (v[q] & 0xffffu) == want; ok = ok && good[q]; }
                         if (ok) break;
-                        if (gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(1u); break; }
+                        if (GAVE_UP || gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(1u); break; }
                     }
                     #pragma unroll
                     for (int q = 0; q < Q; ++q) if (tid + q * NCONS < nw2) *dst[q] = __uint_as_float(v[q] & 0xffff0000u);
@@ -439,13 +442,16 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                 }
                 cons_sync();
                 // waits for this layer's exchange on cbar, then arms it for the launch's layer li + 2 (the peers
-                // cannot be two layers ahead: every layer's products need this block)
+                // cannot be two layers ahead: every layer's products need this block). Once a wait of this block has
+                // given up, the peers can be: cbar's phases no longer tell the layers apart (a later test could pass
+                // on a phase already armed, and a second arrival on it traps), so it is not touched again.
                 auto cluster_wait = [&]() {
-                    if (tid == 0) {
+                    if (tid == 0 && !GAVE_UP) {
                         const unsigned long long t0 = gtimer();
+                        bool done = true;
                         while (!mbar_test_cluster(cbr, ((unsigned)li >> 1) & 1u))
-                            if (gtimer() - t0 > TIMEOUT_NS) { GIVE_UP(2u); break; }
-                        mbar_expect_tx(cbr, xbytes);
+                            if (GAVE_UP || gtimer() - t0 > TIMEOUT_NS) { GIVE_UP(2u); done = false; break; }
+                        if (done) mbar_expect_tx(cbr, xbytes);
                     }
                     cons_sync();
                 };
@@ -711,7 +717,7 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                                     good[q] = (unsigned)(w >> 32) == t32; v[q] = __uint_as_float((unsigned)w); ok = ok && good[q];
                                 }
                             if (ok) break;
-                            if (gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(4u); break; }
+                            if (GAVE_UP || gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(4u); break; }
                         }
                         float s = 0.f;
                         #pragma unroll
@@ -785,7 +791,7 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                                 ok = ok && good[q];
                             }
                         if (ok) break;
-                        if (gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(8u); break; }
+                        if (GAVE_UP || gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(8u); break; }
                     }
                 }
                 const float* nwl = ly.nw + (p == 2) * H;
@@ -828,7 +834,7 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                             ok = ok && good[q];
                         }
                     if (ok) break;
-                    if (gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(16u); break; }
+                    if (GAVE_UP || gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(16u); break; }
                 }
                 float sa = 0.f, ssm = 0.f;
                 #pragma unroll
@@ -885,7 +891,7 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                             ok = ok && good[q];
                         }
                     if (ok) break;
-                    if (gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(32u); break; }
+                    if (GAVE_UP || gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(32u); break; }
                 }
                 #pragma unroll
                 for (int q = 0; q < Q; ++q) {
@@ -934,4 +940,8 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
             }
         }
     }
+    // no block leaves while a peer may still store into its shared memory (an st.async into a block that has left
+    // traps): once a wait has given up, a block can run ahead of its cluster (the producer warp has left: it is not
+    // counted)
+    asm volatile("barrier.cluster.arrive.release;\n barrier.cluster.wait.acquire;" ::: "memory");
 }

@@ -173,8 +173,13 @@ class PersistentDecode:
         this step's slot in the sliding and in the global layers' buffers; the kernel reads the filled-slot count
         that follows each (the row layout of DecodeState.decode_indices). cos, sin: (positions, dq) fp32 RoPE
         tables."""
+        args = self.arguments(h, l0, l1, slot_s, slot_g, cos, sin, self.grid)
+        self.kernel(grid=(self.grid, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=self.smem)
+
+    def arguments(self, h: Tensor, l0: int, l1: int, slot_s: Tensor, slot_g: Tensor, cos: Tensor, sin: Tensor, G: int):
+        """The launch's arguments: __call__'s, and G, the blocks that share the products (the launch's own; a test
+        names more, as blocks that never run)."""
         assert slot_s.dtype == slot_g.dtype == torch.int64 and 0 < l1 - l0 <= MAXL
         assert all(i in self.layers for i in range(l0, l1))
-        args = [self.table, l0, l1, h, h, self.hw, self.buf0, self.buf2, self.bufm, self.xg, self.gen, self.pos,
-                slot_s, slot_g, cos, sin, self.err]  # fmt: skip
-        self.kernel(grid=(self.grid, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=self.smem)
+        return [self.table, l0, l1, h, h, self.hw, self.buf0, self.buf2, self.bufm, self.xg, self.gen, self.pos,
+                slot_s, slot_g, cos, sin, self.err, G]  # fmt: skip

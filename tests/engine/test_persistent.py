@@ -11,10 +11,12 @@ generations:
   from fp32 less: the kernel's logits and state (SSM, conv, the K/V rows the steps wrote) must stay within 3 times
   the Triton path's error (measured up to 2.3 times, the SSM state after 1,180 tokens). A state that is not carried
   from step to step shows up at order 1.
-- A CUDA graph of the persistent step replays it bit for bit, and a wait that gives up fails the request and
-  leaves the worker on the per-layer path."""
+- A CUDA graph of the persistent step replays it bit for bit; a launch whose blocks cannot all run gives up in one
+  timeout; and a wait that gives up fails the request and leaves the worker on the per-layer path."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -28,6 +30,7 @@ from engine.graph import DecodeGraph
 from engine.model import HymbaForCausalLM
 from engine.persistent import segments, unsupported
 from engine.state import DecodeState
+from kernels.persistent_decode import THREADS
 
 MAX_LEN = 3100
 
@@ -130,6 +133,36 @@ def test_graph_replays_the_persistent_step(models):
         runs.append(torch.stack(logits))
     assert torch.equal(runs[0], runs[1])
     assert graph.persistent.kernel.err.item() == 0
+
+
+@pytest.mark.gpu
+def test_a_launch_missing_blocks_gives_up_in_one_timeout(models):
+    """A block that never runs (the launch names one block more than it has) leaves the others waiting for its rows.
+    Every wait gives up: the first after 200 ms, the rest at once, not 200 ms each. Nothing traps: a cluster wait that
+    gave up must not re-arm its barrier, and no block may leave while a peer can still store into it. The step's h
+    is NaN, err says why, and the GPU goes on working."""
+    (model, state), _ = models
+    fast = model.persistent
+    k = fast.kernel
+    state.reset()
+    model.prefill(torch.tensor([1, 415, 296, 90], device="cuda"), state)
+    h, idx = kernels.step_inputs(torch.tensor([5], device="cuda"), model.model.embed_tokens.weight, state.pos,
+                                 state.groups, state.num_meta)  # fmt: skip
+    indices = state.decode_indices(idx)
+    k.begin_step()
+    args = k.arguments(h, 0, 32, indices[fast.sliding][0], indices[fast.glob][0], model.cos, model.sin, k.grid + 1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    k.kernel(grid=(k.grid, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=k.smem)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    print(f"\na launch missing blocks gave up after {elapsed * 1e3:.0f} ms, err {k.err.item():#x}")
+    assert k.err.item() != 0 and torch.isnan(h).any()
+    assert elapsed < 1.0
+    k.err.zero_()
+    state.reset()
+    model.prefill(torch.tensor([1, 415, 296, 90], device="cuda"), state)
+    assert torch.isfinite(model.decode(torch.tensor([5], device="cuda"), state)).all() and k.err.item() == 0
 
 
 @pytest.mark.gpu
