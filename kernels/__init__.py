@@ -30,20 +30,16 @@ def use_triton(enabled: bool) -> None:
     _use_triton = enabled and HAS_TRITON
 
 
-def _on_triton(x: Tensor) -> bool:
-    return _use_triton and x.is_cuda
-
-
 def on_triton(x: Tensor) -> bool:
     """Whether ops on x run the GPU kernels rather than the twins (the persistent decode kernel follows this too)."""
-    return _on_triton(x)
+    return _use_triton and x.is_cuda
 
 
 def selective_scan(
     u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, dt_bias: Tensor, ssm_state: Tensor,
     valid: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    if _on_triton(u):
+    if on_triton(u):
         return _scan.selective_scan(u, dt, A, B, C, D, z, dt_bias, ssm_state, valid=valid)
     return _scan.selective_scan_ref(u, dt, A, B, C, D, z, dt_bias, ssm_state, valid=valid)
 
@@ -60,7 +56,7 @@ def ssm_update(
     norm_weights: tuple[Tensor, Tensor, Tensor] | None,
     eps: float,
 ) -> Tensor:
-    if _on_triton(x):
+    if on_triton(x):
         return _update.ssm_update(state, x, dbc, dt_weight, dt_bias, A, D, z, norm_weights, eps)
     return _update.ssm_update_ref(state, x, dbc, dt_weight, dt_bias, A, D, z, norm_weights, eps)
 
@@ -68,13 +64,13 @@ def ssm_update(
 def causal_conv1d(
     x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor, valid: Tensor | None = None
 ) -> Tensor:
-    if _on_triton(x):
+    if on_triton(x):
         return _conv.causal_conv1d(x, weight, bias, conv_state, valid=valid)
     return _conv.causal_conv1d_ref(x, weight, bias, conv_state, valid=valid)
 
 
 def causal_conv1d_update(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor) -> Tensor:
-    if _on_triton(x):
+    if on_triton(x):
         return _conv.causal_conv1d_update(x, weight, bias, conv_state)
     return _conv.causal_conv1d_update_ref(x, weight, bias, conv_state)
 
@@ -82,7 +78,7 @@ def causal_conv1d_update(x: Tensor, weight: Tensor, bias: Tensor | None, conv_st
 def attention_prefill(
     q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None, num_meta: int
 ) -> Tensor:
-    if _on_triton(q):
+    if on_triton(q):
         return _attention.attention_prefill(q, k, v, q_pos, k_pos, window, num_meta)
     return _attention.attention_prefill_ref(q, k, v, q_pos, k_pos, window, num_meta)
 
@@ -91,19 +87,19 @@ def rope_attention_decode(
     qkv: Tensor, num_heads: int, pos: Tensor, cos: Tensor, sin: Tensor, k_buf: Tensor, v_buf: Tensor,
     num_valid: Tensor | int, slot: Tensor | None = None, *, write_kv: bool = True,
 ) -> Tensor:  # fmt: skip
-    fn = _attention.rope_attention_decode if _on_triton(qkv) else _attention.rope_attention_decode_ref
+    fn = _attention.rope_attention_decode if on_triton(qkv) else _attention.rope_attention_decode_ref
     return fn(qkv, num_heads, pos, cos, sin, k_buf, v_buf, num_valid, slot, write_kv=write_kv)
 
 
 def pick(logits: Tensor, noise: Tensor | None = None, **options) -> Tensor:
     """The next token from one logits row: greedy without noise, else a draw (kernels/pick.py has the options)."""
-    if _on_triton(logits):
+    if on_triton(logits):
         return _pick.pick(logits, noise, **options)
     return _pick.pick_ref(logits, noise, **options)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, *, out: Tensor | None = None) -> Tensor:
-    if _on_triton(x):
+    if on_triton(x):
         return _norm.rms_norm(x, weight, eps, out=out)
     return _norm.rms_norm_ref(x, weight, eps, out=out)
 
@@ -111,7 +107,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, *, out: Tensor | None = None
 def rms_norm_average(
     a: Tensor, b: Tensor, weight_a: Tensor, weight_b: Tensor, eps: float, *, out: Tensor | None = None
 ) -> Tensor:
-    if _on_triton(a):
+    if on_triton(a):
         return _norm.rms_norm_average(a, b, weight_a, weight_b, eps, out=out)
     return _norm.rms_norm_average_ref(a, b, weight_a, weight_b, eps, out=out)
 
@@ -119,12 +115,12 @@ def rms_norm_average(
 def step_inputs(
     token: Tensor, embed_weight: Tensor, pos: Tensor, groups: Tensor, num_meta: int
 ) -> tuple[Tensor, Tensor]:
-    fn = _step.step_inputs if _on_triton(embed_weight) else _step.step_inputs_ref
+    fn = _step.step_inputs if on_triton(embed_weight) else _step.step_inputs_ref
     return fn(token, embed_weight, pos, groups, num_meta)
 
 
 def swiglu(gate: Tensor, up: Tensor, out_dtype) -> Tensor:
-    if _on_triton(gate):
+    if on_triton(gate):
         return _swiglu.swiglu(gate, up, out_dtype)
     return _swiglu.swiglu_ref(gate, up, out_dtype)
 
@@ -134,7 +130,7 @@ def rope_prefill(
     k_buf: Tensor | None = None, v_buf: Tensor | None = None, history: tuple[int, int, int] = (0, 0, 0),
     num_meta: int = 0, window: int | None = None,
 ) -> Tensor:  # fmt: skip
-    fn = _prefill_kv.rope_prefill if _on_triton(proj) else _prefill_kv.rope_prefill_ref
+    fn = _prefill_kv.rope_prefill if on_triton(proj) else _prefill_kv.rope_prefill_ref
     return fn(proj, cos, sin, q_out, keys, values, k_buf, v_buf, history, num_meta, window)
 
 
@@ -142,19 +138,19 @@ def store_kv(
     keys: Tensor, values: Tensor, k_buf: Tensor, v_buf: Tensor, start: int, num_meta: int, window: int | None,
     valid: Tensor | None = None,
 ) -> None:  # fmt: skip
-    fn = _prefill_kv.store_kv if _on_triton(keys) else _prefill_kv.store_kv_ref
+    fn = _prefill_kv.store_kv if on_triton(keys) else _prefill_kv.store_kv_ref
     fn(keys, values, k_buf, v_buf, start, num_meta, window, valid)
 
 
 def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, residual: Tensor | None = None,
          out: Tensor | None = None) -> Tensor:  # fmt: skip
-    if _on_triton(x):
+    if on_triton(x):
         return _gemv.gemv(x, weight, bias, residual=residual, out=out)
     return _gemv.gemv_ref(x, weight, bias, residual=residual, out=out)
 
 
 def norm_gemv(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    if _on_triton(x):
+    if on_triton(x):
         return _gemv.norm_gemv(x, norm_weight, eps, weight, bias)
     return _gemv.norm_gemv_ref(x, norm_weight, eps, weight, bias)
 
@@ -163,13 +159,13 @@ def norm_average_gemv(
     a: Tensor, b: Tensor, weight_a: Tensor, weight_b: Tensor, eps: float, weight: Tensor, bias: Tensor | None,
     *, residual: Tensor | None = None, out: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    if _on_triton(a):
+    if on_triton(a):
         return _gemv.norm_average_gemv(a, b, weight_a, weight_b, eps, weight, bias, residual=residual, out=out)
     return _gemv.norm_average_gemv_ref(a, b, weight_a, weight_b, eps, weight, bias, residual=residual, out=out)
 
 
 def mlp_gemv(x: Tensor, norm_weight: Tensor, eps: float, gate_weight: Tensor | None, up_weight: Tensor) -> Tensor:
-    if _on_triton(x):
+    if on_triton(x):
         return _gemv.mlp_gemv(x, norm_weight, eps, gate_weight, up_weight)
     return _gemv.mlp_gemv_ref(x, norm_weight, eps, gate_weight, up_weight)
 

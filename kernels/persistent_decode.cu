@@ -274,6 +274,8 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
 // once a wait of this block has given up (or the step started poisoned), its other waits give up at once: the step's
 // result is lost already, and the launch then ends after one timeout, not one for every wait that follows
 #define GAVE_UP (*(volatile unsigned*)failed != 0u)
+// when a wait that started at t0 gives up
+#define WAIT_OVER(t0) (GAVE_UP || gtimer() - (t0) > TIMEOUT_NS)
     for (int i = tid; i < (l1 - l0) * (int)sizeof(Layer) / 4; i += blockDim.x)
         ((unsigned*)lay)[i] = ((const unsigned*)(layers + l0))[i];
     const bool r_att = b < ATTB, r_ssm = !r_att && b < ATTB + NSSM;
@@ -428,7 +430,7 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                         for (int q = 0; q < Q; ++q)
                             if (!good[q]) { v[q] = ld_poll(buf0 + src[q]); good[q] = (v[q] & 0xffffu) == want; ok = ok && good[q]; }
                         if (ok) break;
-                        if (GAVE_UP || gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(1u); break; }
+                        if (WAIT_OVER(tp0)) { GIVE_UP(1u); break; }
                     }
                     #pragma unroll
                     for (int q = 0; q < Q; ++q) if (tid + q * NCONS < nw2) *dst[q] = __uint_as_float(v[q] & 0xffff0000u);
@@ -450,7 +452,7 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                         const unsigned long long t0 = gtimer();
                         bool done = true;
                         while (!mbar_test_cluster(cbr, ((unsigned)li >> 1) & 1u))
-                            if (GAVE_UP || gtimer() - t0 > TIMEOUT_NS) { GIVE_UP(2u); done = false; break; }
+                            if (WAIT_OVER(t0)) { GIVE_UP(2u); done = false; break; }
                         if (done) mbar_expect_tx(cbr, xbytes);
                     }
                     cons_sync();
@@ -717,7 +719,7 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                                     good[q] = (unsigned)(w >> 32) == t32; v[q] = __uint_as_float((unsigned)w); ok = ok && good[q];
                                 }
                             if (ok) break;
-                            if (GAVE_UP || gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(4u); break; }
+                            if (WAIT_OVER(tp0)) { GIVE_UP(4u); break; }
                         }
                         float s = 0.f;
                         #pragma unroll
@@ -791,7 +793,7 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                                 ok = ok && good[q];
                             }
                         if (ok) break;
-                        if (GAVE_UP || gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(8u); break; }
+                        if (WAIT_OVER(tp0)) { GIVE_UP(8u); break; }
                     }
                 }
                 const float* nwl = ly.nw + (p == 2) * H;
@@ -834,7 +836,7 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                             ok = ok && good[q];
                         }
                     if (ok) break;
-                    if (GAVE_UP || gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(16u); break; }
+                    if (WAIT_OVER(tp0)) { GIVE_UP(16u); break; }
                 }
                 float sa = 0.f, ssm = 0.f;
                 #pragma unroll
@@ -891,7 +893,7 @@ extern "C" __global__ void __cluster_dims__(CLN, 1, 1) __launch_bounds__(NCONS +
                             ok = ok && good[q];
                         }
                     if (ok) break;
-                    if (GAVE_UP || gtimer() - tp0 > TIMEOUT_NS) { GIVE_UP(32u); break; }
+                    if (WAIT_OVER(tp0)) { GIVE_UP(32u); break; }
                 }
                 #pragma unroll
                 for (int q = 0; q < Q; ++q) {
